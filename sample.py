@@ -1,0 +1,157 @@
+"""Text-to-image with an SD 1.x checkpoint: DDIM (eta 0) with classifier-free guidance.
+
+    python sample.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut riding a horse"
+    python sample.py --prompt "a castle at dusk" --steps 50 --cfg 7.5 --seed 0 --n 4 --out grid.png --device cuda --dtype fp16
+
+Without --ckpt, the first .safetensors / .ckpt file in weights/ is used.
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, atomic_write, check_sd1, read_state_dict
+from clip_text import TextEncoder, Tokenizer
+from unet import UNet
+from vae import VAE
+
+WEIGHTS = Path(__file__).parent / "weights"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys of an original checkpoint that no model here loads: the training schedule (recomputed below)
+# and the EMA copy of the UNet (the pruned files hold the EMA weights as the model itself).
+SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                 "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                 "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"}
+EMA_PREFIX = "model_ema."
+
+
+def alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
+    """SD 1.x's "scaled linear" training schedule: betas linear in sqrt space. (n,) float32."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+@dataclass
+class StableDiffusion:
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=torch.float32):
+        sd = read_state_dict(path)
+        check_sd1(sd, path)
+        models = (TextEncoder, UNet, VAE)
+        unknown = [k for k in sd if not (k in SCHEDULE_KEYS or k.startswith(EMA_PREFIX) or k.startswith(tuple(m.PREFIX for m in models)))]
+        if unknown:
+            raise CheckpointError(f"{path}: {len(unknown)} keys belong to no SD 1.x model (e.g. {unknown[0]}); "
+                                  "only original-layout SD 1.x checkpoints are supported")
+        text_encoder, unet, vae = (m.from_checkpoint(sd).to(device, dtype).eval().requires_grad_(False) for m in models)
+        return cls(Tokenizer(), text_encoder, unet, vae)
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        """List of prompts -> (B, 77, width) context for the UNet."""
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(self.tokenizer(prompts).to(device))
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents -> uint8 images (B, H, W, 3)."""
+        x = self.vae.decode(latents.to(next(self.vae.parameters()).dtype) / self.vae.cfg.scale_factor)
+        return ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def ddim_sample(unet, cond, uncond, latents, steps=50, cfg=7.5, progress=False):
+    """Deterministic DDIM (eta 0) with classifier-free guidance, SD 1.5's "leading" timesteps.
+
+    cond, uncond: (B, 77, C) text contexts; latents: (B, 4, h, w) initial noise. Returns final latents.
+    The update is x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps, with x0 predicted from eps."""
+    ac = alphas_cumprod().to(latents.device)
+    ratio = len(ac) // steps
+    timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # steps_offset 1: 981, 961, ..., 1 for 50 steps
+    dtype = next(unet.parameters()).dtype
+    context = torch.cat([uncond, cond]).to(dtype)
+    x = latents.float()
+    for t in tqdm(timesteps.tolist(), desc="ddim", disable=not progress):
+        eps_uncond, eps_cond = unet(torch.cat([x, x]).to(dtype), torch.full((2 * len(x),), t, device=x.device), context).float().chunk(2)
+        eps = eps_uncond + cfg * (eps_cond - eps_uncond)
+        a = ac[t]
+        a_prev = ac[t - ratio] if t - ratio >= 0 else ac[0]  # SD 1.5 sets the final alpha to alphas_cumprod[0]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def image_grid(images):
+    """(N, H, W, 3) uint8 -> one PIL image, as square as possible."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images.numpy()):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return Image.fromarray(grid)
+
+
+def save_png(image, path):
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def find_checkpoint(ckpt):
+    if ckpt:
+        return Path(ckpt)
+    found = sorted(p for p in WEIGHTS.glob("*") if p.suffix in (".safetensors", ".ckpt"))
+    if not found:
+        raise CheckpointError(f"no SD 1.x checkpoint given or found in {WEIGHTS}/: put v1-5-pruned-emaonly.safetensors "
+                              "(or any SD 1.x .safetensors/.ckpt) there, or pass --ckpt PATH")
+    return found[0]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="SD 1.x checkpoint (.safetensors or .ckpt); default: the first one in weights/")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of guidance)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=4, help="number of images")
+    p.add_argument("--size", type=int, default=512, help="image height and width, a multiple of 8")
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    args = p.parse_args(argv)
+    if not 1 <= args.steps <= 1000 or args.n < 1:
+        p.error("--steps must be in 1..1000 and --n at least 1")
+    try:
+        path = find_checkpoint(args.ckpt)
+        print(f"loading {path}")
+        model = StableDiffusion.load(path, args.device, DTYPES[args.dtype])
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    f = model.vae.cfg.downsample
+    multiple = f * 2 ** (len(model.unet.cfg.channel_mult) - 1)  # the UNet halves the latent at every level but the last
+    if args.size % multiple:
+        sys.exit(f"error: --size must be a multiple of {multiple} for this model (e.g. {max(multiple, args.size // multiple * multiple)})")
+    cond = model.encode_text([args.prompt] * args.n)
+    uncond = model.encode_text([args.negative] * args.n)
+    # Noise drawn on the CPU from a seeded generator: the same seed gives the same images on any device.
+    shape = (args.n, model.unet.cfg.in_channels, args.size // f, args.size // f)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    latents = ddim_sample(model.unet, cond, uncond, noise, args.steps, args.cfg, progress=True)
+    save_png(image_grid(model.decode(latents)), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
