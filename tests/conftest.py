@@ -25,9 +25,13 @@ TINY_TEXT = TextConfig(width=128, layers=2, heads=2)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
 
-def randomize(module, seed=0):
-    """Random weights of a sane scale everywhere (the models' own init leaves some layers at zero,
-    which would hide differences in parity tests)."""
+def random_model(cls, cfg, seed=0):
+    """A model with random weights of a sane scale everywhere (the models' own init leaves some
+    layers at zero, which would hide differences in parity tests). Built on the meta device first,
+    so that full-size models skip their own init."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    module.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -42,14 +46,15 @@ def randomize(module, seed=0):
 
 
 def tiny_models(seed=0):
-    return (randomize(TextEncoder(TINY_TEXT), seed), randomize(UNet(TINY_UNET), seed + 1), randomize(VAE(TINY_VAE), seed + 2))
+    return random_model(TextEncoder, TINY_TEXT, seed), random_model(UNet, TINY_UNET, seed + 1), random_model(VAE, TINY_VAE, seed + 2)
 
 
 def original_checkpoint(text_encoder, unet, vae):
-    """Our models' weights in the exact original single-file layout, extras included."""
+    """Our models' weights in the exact original single-file layout, extras included (sharing the
+    models' storage: no copy of a full-size UNet)."""
     sd = {}
     for m in (text_encoder, unet, vae):
-        sd.update({m.PREFIX + k: v.detach().clone() for k, v in m.state_dict().items()})
+        sd.update({m.PREFIX + k: v.detach() for k, v in m.state_dict().items()})
     n = text_encoder.cfg.context_length
     sd[TextEncoder.PREFIX + "text_model.embeddings.position_ids"] = torch.arange(n)[None]
     sd.update({k: alphas_cumprod() for k in SCHEDULE_KEYS})  # values do not matter: never loaded

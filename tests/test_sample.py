@@ -1,0 +1,53 @@
+"""The DDIM + classifier-free guidance sampler against diffusers' StableDiffusionPipeline, and the CLI."""
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from conftest import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, original_checkpoint, rel_err, tiny_models
+
+
+@pytest.mark.parametrize("steps, cfg", [(10, 7.5), (50, 3.0)])
+def test_ddim_cfg_matches_diffusers_pipeline(steps, cfg):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    text, unet, vae = tiny_models()
+    sd = original_checkpoint(text, unet, vae)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")  # SD 1.5's settings
+    pipe = StableDiffusionPipeline(vae=diffusers_vae(TINY_VAE, sd), text_encoder=None, tokenizer=None,
+                                   unet=diffusers_unet(TINY_UNET, sd), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 77, 128, generator=g), torch.randn(2, 77, 128, generator=g)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    size = 8 * TINY_VAE.downsample
+    ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, num_inference_steps=steps,
+               guidance_scale=cfg, height=size, width=size, output_type="latent").images
+    ours = sample.ddim_sample(unet, cond, uncond, latents, steps=steps, cfg=cfg)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_cli_writes_a_reproducible_grid(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    args = ["--ckpt", str(path), "--prompt", "a red cube", "--steps", "3", "--n", "3", "--size", "32", "--seed", "7"]
+    sample.main(args + ["--out", str(tmp_path / "a.png")])
+    sample.main(args + ["--out", str(tmp_path / "b.png")])
+    img = Image.open(tmp_path / "a.png")
+    assert img.size == (64, 64)  # 3 images of 32x32 in a 2x2 grid
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    sample.main(args[:-1] + ["8", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "WEIGHTS", tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no SD 1.x checkpoint given or found in .*put v1-5-pruned-emaonly"):
+        sample.main(["--prompt", "x"])
+    path, _ = tiny_ckpt
+    with pytest.raises(SystemExit, match="--size must be a multiple of 8"):
+        sample.main(["--ckpt", str(path), "--prompt", "x", "--size", "36"])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(path), "--prompt", "x", "--stpes", "3"])  # a typo in a flag
+    assert "unrecognized arguments: --stpes" in capsys.readouterr().err
