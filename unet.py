@@ -33,19 +33,18 @@ class UNetConfig:
     @classmethod
     def from_state_dict(cls, sd):
         """Everything but `num_heads` read off the tensor shapes, openai/CLIP style."""
-        in_ch = lambda i: sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]  # noqa: E731
         conv_in = sd["input_blocks.0.0.weight"]
         mc = conv_in.shape[0]
         n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
         downs = [i for i in range(n_blocks) if f"input_blocks.{i}.0.op.weight" in sd]
         n_res = (downs[0] if downs else n_blocks) - 1
-        levels = len(downs) + 1
-        firsts = [1 + level * (n_res + 1) for level in range(levels)]  # first res block of each level
+        # input_blocks: [conv_in, (res x n_res, down) per level, without the last down]
+        firsts = [1 + level * (n_res + 1) for level in range(len(downs) + 1)]  # first res block of each level
+        mult = [sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in firsts]
+        attn = [2**level for level, i in enumerate(firsts) if f"input_blocks.{i}.1.norm.weight" in sd]
         context = [v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
         return cls(in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
-                   channel_mult=tuple(in_ch(i) // mc for i in firsts), num_res_blocks=n_res,
-                   attention_resolutions=tuple(2**lv for lv, i in reversed(list(enumerate(firsts)))
-                                                   if f"input_blocks.{i}.1.norm.weight" in sd),
+                   channel_mult=tuple(mult), num_res_blocks=n_res, attention_resolutions=tuple(reversed(attn)),
                    context_dim=context[0] if context else cls.context_dim)
 
 
@@ -209,6 +208,9 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context):
         """x (B, 4, h, w) noisy latents, t (B,) timesteps, context (B, 77, 768) -> predicted noise."""
+        # NHWC ("channels_last"): oneDNN and cuDNN convolutions run fastest in it, and the transformers'
+        # (B, C, H, W) <-> (B, H*W, C) reshapes become views instead of copies.
+        x = x.contiguous(memory_format=torch.channels_last)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         skips = []
         for block in self.input_blocks:

@@ -171,12 +171,13 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """Images in [-1, 1] -> (mean, logvar) of the diagonal Gaussian over unscaled latents."""
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the fast layout for CPU and GPU convolutions
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
         """Unscaled latents -> images in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last)))
 
     @classmethod
     def from_checkpoint(cls, sd):

@@ -1,4 +1,5 @@
 """The DDIM + classifier-free guidance sampler against diffusers' StableDiffusionPipeline, and the CLI."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,6 +40,15 @@ def test_cli_writes_a_reproducible_grid(tiny_ckpt, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     sample.main(args[:-1] + ["8", "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+
+
+def test_cli_bf16_runs_close_to_fp32(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    args = ["--ckpt", str(path), "--prompt", "a red cube", "--steps", "2", "--n", "1", "--size", "32"]
+    sample.main(args + ["--out", str(tmp_path / "fp32.png")])
+    sample.main(args + ["--out", str(tmp_path / "bf16.png"), "--dtype", "bf16"])
+    a, b = (torch.tensor(np.asarray(Image.open(tmp_path / f"{d}.png")), dtype=torch.float) for d in ("fp32", "bf16"))
+    assert (a - b).abs().mean() < 8  # of 255: same picture, bf16 rounding
 
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,126 @@
+"""Time our models against diffusers / transformers on the same weights, in one run.
+
+    python bench.py                      # full SD 1.x size on CPU, 512x512 (64x64 latents), batch 1
+    python bench.py --size tiny --res 64
+    python bench.py --device cuda --dtype fp16 --repeats 20
+
+Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
+below 1 is faster) and the peak memory each forward adds on top of the loaded weights. Weights are
+random (no checkpoint is needed) and shared: both sides compute the same function. Needs the test
+requirements (diffusers, transformers).
+"""
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, original_checkpoint,  # noqa: E402
+                      random_model, transformers_clip)
+from clip_text import TextConfig, TextEncoder  # noqa: E402
+from sample import DTYPES, prepare  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
+from vae import VAE, VAEConfig  # noqa: E402
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the process's peak resident size
+    return rss("VmRSS")
+
+
+def peak(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return rss("VmHWM")
+
+
+def rss(field):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) * 1024
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def added_peak(fn, device):
+    """Peak bytes one call adds on top of what is already allocated."""
+    gc.collect()
+    base = reset_peak(device)
+    fn()
+    return peak(device) - base
+
+
+def compare(name, ours, ref, device, repeats):
+    """Warm both up, then alternate ours / reference so that drift in machine load hits both alike."""
+    ours(), ref()
+    mem = [added_peak(fn, device) for fn in (ours, ref)]
+    times = [[], []]
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, ref)):
+            times[i].append(timed(fn, device))
+    t_ours, t_ref = (statistics.median(t) for t in times)
+    print(f"{name:<22} {t_ours * 1e3:>10.1f} {t_ref * 1e3:>10.1f} {t_ours / t_ref:>7.2f} {mem[0] / 2**20:>10.0f} {mem[1] / 2**20:>10.0f}",
+          flush=True)
+
+
+def main():
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc keeps freed large blocks in its heap once its mmap threshold has grown, which hides
+        # later peaks from the resident size; a fixed threshold returns every tensor's pages on free.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--res", type=int, default=512, help="image side; latents are res / 8 (tiny VAE: res / 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--ref-channels-last", action="store_true", help="give the references our NHWC layout too")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    diffusers.utils.logging.set_verbosity_error()  # its note on casting with .to() concerns from_pretrained only
+    cfgs = (TextConfig(), UNetConfig(), VAEConfig()) if args.size == "full" else (TINY_TEXT, TINY_UNET, TINY_VAE)
+    torch.manual_seed(0)
+    text, unet, vae = (random_model(cls, cfg, i) for i, (cls, cfg) in enumerate(zip((TextEncoder, UNet, VAE), cfgs)))
+    sd = original_checkpoint(text, unet, vae)
+    models = [text, unet, vae, transformers_clip(cfgs[0], sd), diffusers_unet(cfgs[1], sd), diffusers_vae(cfgs[2], sd)]
+    del sd
+    ref_layout = torch.channels_last if args.ref_channels_last else torch.contiguous_format
+    text, unet, vae = (prepare(m, device, dtype) for m in models[:3])  # exactly as sample.py loads them
+    ref_text, ref_unet, ref_vae = (m.to(device, dtype, memory_format=ref_layout).eval().requires_grad_(False) for m in models[3:])
+
+    b, h = args.batch, args.res // cfgs[2].downsample
+    ids = torch.randint(0, cfgs[0].vocab_size, (b, 77), device=device)
+    ctx = torch.randn(b, 77, cfgs[0].width, device=device, dtype=dtype)
+    latents = torch.randn(b, 4, h, h, device=device, dtype=dtype)
+    t = torch.full((b,), 500, device=device)
+    cpu = platform.processor() or platform.machine()
+    print(f"# {args.size} size, reference layout {'NHWC' if args.ref_channels_last else 'NCHW (default)'}, {args.res}x{args.res}, batch {b}, {args.dtype}, {device}"
+          f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else f' ({torch.get_num_threads()} threads, {cpu})'}, "
+          f"torch {torch.__version__}, median of {args.repeats}")
+    print(f"{'component':<22} {'ours ms':>10} {'ref ms':>10} {'ratio':>7} {'ours MiB':>10} {'ref MiB':>10}")
+    with torch.inference_mode():
+        compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state, device, args.repeats)
+        compare("unet forward", lambda: unet(latents, t, ctx), lambda: ref_unet(latents, t, ctx).sample, device, args.repeats)
+        compare("vae decode", lambda: vae.decode(latents), lambda: ref_vae.decode(latents).sample, device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
