@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_model
+from unet import Upsample  # the same nearest x2 + 3x3 conv, with the same key name `conv`
 
 
 @dataclass
@@ -81,15 +82,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # CompVis pads right/bottom only, then a valid stride-2 conv
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def mid_blocks(ch):
