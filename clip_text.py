@@ -45,8 +45,8 @@ class Tokenizer:
     """CLIP's byte-level BPE. `tok(texts)` gives SD 1.x input ids: start token, the text, end token,
     padded with the end token to 77 (truncated so the end token stays last).
 
-    Tokens added with `add_tokens` (learned concepts such as `<alice>`) are matched whole before
-    BPE and get ids after the 49,408 of the base vocabulary, so no existing id changes."""
+    Concept words added with `add_concept` (such as `<alice>`) are matched whole before BPE and
+    stand for n new ids after the 49,408 of the base vocabulary, so no existing id changes."""
 
     def __init__(self, vocab_file=VOCAB_FILE, context_length=77):
         self.context_length = context_length
@@ -59,11 +59,11 @@ class Tokenizer:
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [START, END]
         self.encoder = {t: i for i, t in enumerate(vocab)}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
-        self.added = []  # concept tokens, in id order after the base vocabulary
+        self.concepts = {}  # concept word -> its ids, all after the base vocabulary
         self._compile()
 
     def _compile(self):
-        specials = [START, END, *self.added]
+        specials = [START, END, *self.concepts]
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.cache = {t: t for t in specials}  # special tokens never go through BPE
         # Longest first, so that `<ab>` wins over a prefix `<a`; then CLIP's own pattern.
@@ -72,18 +72,19 @@ class Tokenizer:
             alternatives + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
         )
 
-    def add_tokens(self, tokens):
-        """Add whole-word tokens (lower case, since text is lower-cased before matching).
-        Returns their ids. Adding a token already present is an error: it would silently alias."""
-        for t in tokens:
-            if t != t.lower() or not t.strip() or any(c.isspace() for c in t):
-                raise ValueError(f"token {t!r} must be lower case with no spaces")
-            if t in self.encoder:
-                raise ValueError(f"token {t!r} is already in the vocabulary")
-            self.encoder[t] = len(self.encoder)
-            self.added.append(t)
+    def add_concept(self, word, n=1):
+        """Make `word` (lower case, since text is lower-cased before matching) stand for n new ids,
+        e.g. "<alice>" -> [49408, 49409]. Returns the ids. A word already known is an error: it
+        would silently alias."""
+        if word != word.lower() or not word or any(c.isspace() for c in word):
+            raise ValueError(f"concept word {word!r} must be lower case with no spaces")
+        if word in self.encoder or word in self.concepts:
+            raise ValueError(f"concept word {word!r} is already in the vocabulary")
+        ids = list(range(len(self), len(self) + n))
+        self.concepts[word] = ids
+        self.encoder.update({word if i == 0 else f"{word}#{i}": id_ for i, id_ in enumerate(ids)})  # for decode
         self._compile()
-        return [self.encoder[t] for t in tokens]
+        return ids
 
     def __len__(self):
         return len(self.encoder)
@@ -119,6 +120,9 @@ class Tokenizer:
     def encode(self, text):
         ids = []
         for piece in self.pat.findall(self.clean(text)):
+            if piece in self.concepts:
+                ids.extend(self.concepts[piece])
+                continue
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids

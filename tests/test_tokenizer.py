@@ -57,14 +57,15 @@ def test_decode_round_trip():
     assert tok.decode(tok.encode("a photo of a cat")).strip() == "a photo of a cat"
 
 
-def test_added_tokens_are_whole_and_change_no_existing_id():
+def test_concept_words_are_whole_and_change_no_existing_id():
     tok = Tokenizer()
     before = tok.encode("a photo of alice and bob <a> alicebob")
-    ids = tok.add_tokens(["<alice>", "<alice2>"])
-    assert ids == [49408, 49409] and len(tok) == 49410
-    assert tok.encode("a photo of <Alice> and <alice2>") == [*tok.encode("a photo of"), 49408, *tok.encode("and"), 49409]
+    assert tok.add_concept("<alice>", 2) == [49408, 49409] and tok.add_concept("<alice2>") == [49410]
+    assert len(tok) == 49411
+    assert tok.encode("a photo of <Alice> and <alice2>") == [*tok.encode("a photo of"), 49408, 49409, *tok.encode("and"), 49410]
     assert tok.encode("a photo of alice and bob <a> alicebob") == before
+    assert tok.decode([49408, 49409, 49410]) == "<alice><alice>#1<alice2>"
     with pytest.raises(ValueError, match="already"):
-        tok.add_tokens(["<alice>"])
+        tok.add_concept("<alice>")
     with pytest.raises(ValueError, match="lower case"):
-        tok.add_tokens(["<Bob>"])
+        tok.add_concept("<Bob>")
