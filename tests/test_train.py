@@ -1,0 +1,118 @@
+"""train.py on a tiny random model: the run folder, bringing a run up to task N, resuming after a
+crash, and bad inputs that must change nothing."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from checkpoint import read_state_dict
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["01_alice", "02_bob", "03_carol"]):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            px = rng.integers(0, 255, (20 + 4 * j, 16, 3), dtype=np.uint8)
+            im = Image.fromarray(px)
+            im = {0: im, 1: im.convert("RGBA"), 2: im.convert("L")}[j]  # any mode, any size
+            im.save(root / name / f"{j}.png")
+    return root
+
+
+def args(ckpt, data, run, task, *extra):
+    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16",
+            "--steps", "4", "--save-every", "2", "--grid-steps", "2", "--rank", "2", *extra]
+
+
+def snapshot(run):
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def test_three_tasks_then_extend_keep_and_refuse(tiny_ckpt, data, tmp_path):
+    ckpt, _ = tiny_ckpt
+    run = tmp_path / "run"
+    train.main(args(ckpt, data, run, 1))
+    task1 = (run / "task_01.safetensors").read_bytes()
+    train.main(args(ckpt, data, run, 3))  # trains 2, then 3; keeps 1
+    assert (run / "task_01.safetensors").read_bytes() == task1
+    names = {p.name for p in run.iterdir()}
+    assert names == {"run.json", *(f"task_0{i}.safetensors" for i in (1, 2, 3)), *(f"grid_task_0{i}.png" for i in (1, 2, 3))}
+    desc = json.loads((run / "run.json").read_text())
+    assert [t["word"] for t in desc["tasks"]] == ["<alice>", "<bob>", "<carol>"]
+    assert desc["method"] == "clora" and desc["rank"] == 2 and desc["tokens_per_concept"] == 2
+    assert all(t["delta_norm"]["total"] > 0 for t in desc["tasks"])
+    t2 = read_state_dict(run / "task_02.safetensors")
+    assert t2["tokens"].shape == (2, 128) and t2["input_blocks.1.1.transformer_blocks.0.attn2.to_k.A"].shape[1] == 2
+    assert Image.open(run / "grid_task_03.png").size == (32, 32)  # 3 concepts, 2x2 grid of 16 px
+
+    before = snapshot(run)
+    train.main(args(ckpt, data, run, 2))  # already there: nothing retrained, nothing written
+    assert snapshot(run) == before
+    with pytest.raises(SystemExit, match="was made with base checkpoint"):
+        other = tmp_path / "other.safetensors"
+        raw = bytearray(ckpt.read_bytes())
+        raw[-1] ^= 1  # one bit of one weight differs
+        other.write_bytes(bytes(raw))
+        train.main(args(other, data, run, 3))
+    with pytest.raises(SystemExit, match="method"):
+        train.main(args(ckpt, data, run, 3, "--method", "lora"))
+    assert snapshot(run) == before
+
+
+def test_crash_in_task_2_resumes_and_keeps_task_1(tiny_ckpt, data, tmp_path, monkeypatch, capsys):
+    ckpt, _ = tiny_ckpt
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    train.main(args(ckpt, data, ref, 2))  # uninterrupted reference
+    train.main(args(ckpt, data, run, 1))
+    task1 = (run / "task_01.safetensors").read_bytes()
+
+    real_step, calls = train.torch.optim.AdamW.step, {"n": 0}
+
+    def crash_on_third_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a kill after the step-2 checkpoint
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train.torch.optim.AdamW, "step", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(ckpt, data, run, 2))
+    monkeypatch.undo()
+    assert (run / "task_02.partial.safetensors").exists() and not (run / "task_02.safetensors").exists()
+    assert json.loads((run / "run.json").read_text())["tasks"][-1]["task"] == 1  # task 1 still loadable, alone
+    capsys.readouterr()
+    train.main(args(ckpt, data, run, 2))
+    assert "task 2: resuming at step 2" in capsys.readouterr().out
+    assert (run / "task_01.safetensors").read_bytes() == task1
+    assert not (run / "task_02.partial.safetensors").exists()
+    resumed, straight = read_state_dict(run / "task_02.safetensors"), read_state_dict(ref / "task_02.safetensors")
+    assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)  # the resume is exact
+
+
+@pytest.mark.parametrize("break_it, says", [
+    (lambda d: [p.unlink() for p in (d / "02_bob").iterdir()], "no images"),
+    (lambda d: (d / "02_bob" / "1.png").write_bytes(b"not a png"), "1.png: not a readable image"),
+    (lambda d: None, "--task 4: .* has 3 concept folders"),
+])
+def test_bad_inputs_change_nothing(tiny_ckpt, data, tmp_path, break_it, says):
+    ckpt, _ = tiny_ckpt
+    run = tmp_path / "run"
+    train.main(args(ckpt, data, run, 1))
+    before = snapshot(run)
+    break_it(data)
+    with pytest.raises(SystemExit, match=says):
+        train.main(args(ckpt, data, run, 4 if "task 4" in says else 2))
+    assert snapshot(run) == before
+
+
+def test_unknown_method_is_a_one_line_error(tiny_ckpt, data, tmp_path, capsys):
+    ckpt, _ = tiny_ckpt
+    with pytest.raises(SystemExit) as e:
+        train.main(args(ckpt, data, tmp_path / "run", 1, "--method", "dreambooth"))
+    assert e.value.code != 0 and "invalid choice: 'dreambooth'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,254 @@
+"""Learn concepts one task at a time into one SD 1.x model, with C-LoRA (or a baseline), keeping
+every earlier concept and no old photo.
+
+    python train.py --task 3 --data data/faces --run runs/faces --ckpt weights/v1-5-pruned-emaonly.safetensors
+    python train.py --task 1 --data data/faces --run runs/faces-lora --method lora
+    python train.py --task 2 --data data/faces --run runs/faces --overwrite      # retrain task 2 only
+
+`--data` holds one folder of images per concept; sorted folder order is the task order and the
+folder name gives the concept word (`03_alice/` -> `<alice>`). `--task N` brings the run up to
+task N: missing earlier tasks are trained first, tasks already in the run are kept. A run folder holds
+`run.json` and one small `task_NN.safetensors` per task (its delta factors and token embeddings),
+plus `grid_task_NN.png`: one sample of every concept learned so far.
+"""
+import argparse
+import hashlib
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, atomic_write, read_state_dict, save_safetensors
+from clora import METHODS, CLoRA
+from sample import DTYPES, StableDiffusion, alphas_cumprod, ddim_sample, find_checkpoint, image_grid, save_png
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# No class word: the concept word alone carries the identity (the paper's setting).
+TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the photo of {}", "a close-up photo of {}",
+             "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
+DEFAULT_LR = {"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept")  # what every task of a run must share
+
+
+class TrainError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def concepts(data):
+    """Sorted concept folders -> [(word, folder)], `03_alice` -> `<alice>`."""
+    data = Path(data)
+    if not data.is_dir():
+        raise TrainError(f"--data {data}: no such folder (it should hold one folder of images per concept)")
+    folders = sorted(p for p in data.iterdir() if p.is_dir())
+    if not folders:
+        raise TrainError(f"--data {data}: no concept folders in it")
+    return [(f"<{re.sub(r'^[0-9]+[_-]', '', f.name).lower().replace(' ', '_')}>", f) for f in folders]
+
+
+def load_images(folder, res):
+    """Every image of a folder, any size or mode, EXIF-rotated, resized and centre-cropped to res,
+    as (n, 3, res, res) in [-1, 1]."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TrainError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                out.append(np.asarray(ImageOps.fit(im, (res, res), Image.BICUBIC)))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise TrainError(f"{f}: not a readable image ({type(e).__name__}); remove or replace it") from None
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The run folder
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(obj, path):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def open_run(run_dir, settings):
+    """The run's description, created on first use; a run never mixes base checkpoints or methods."""
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        return {**settings, "tasks": []}
+    run = json.loads(path.read_text())
+    for k in RUN_KEYS:
+        if run[k] != settings[k]:
+            what = "base checkpoint" if k == "base_sha256" else k
+            raise TrainError(f"{path}: this run was made with {what} {run[k]!r}, not {settings[k]!r}; "
+                             "use the same one or start a new --run folder")
+    return run
+
+
+def task_file(run_dir, task):
+    return Path(run_dir) / f"task_{task:02d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training one task
+
+
+def train_task(model, adapter, word, images, args, task, run_dir):
+    device, unet, vae = args.device, model.unet, model.vae
+    g = torch.Generator().manual_seed(args.seed * 1000 + task)
+    adapter.start_task(word, args.tokens, seed=args.seed * 1000 + task)
+    opt = torch.optim.AdamW(adapter.trainable(), lr=args.lr, weight_decay=0.0)
+    partial = Path(run_dir) / f"task_{task:02d}.partial.safetensors"
+    start = 0
+    if partial.exists():  # resume after a crash: factors, tokens, optimizer moments and the step
+        state = read_state_dict(partial)
+        start = int(state["step"])
+        with torch.no_grad():
+            for i, p in enumerate(adapter.trainable()):
+                p.copy_(state[f"param.{i:04d}"])
+                opt.state[p] = {k: state[f"adam.{i:04d}.{k}"].clone().to(p.device) for k in ADAM_STATE}
+        g.set_state(state["generator"])
+        print(f"task {task}: resuming at step {start}")
+
+    # VAE latents of the few images (and their mirror images) once per task, as distribution parameters.
+    with torch.no_grad():
+        pixels = torch.cat([images, images.flip(-1)]).to(device, next(vae.parameters()).dtype)
+        mean, logvar = (t.float() for t in vae.encode(pixels))
+    ac = alphas_cumprod().to(device)
+    lam = args.lam if adapter.penalized else 0.0
+    bar = tqdm(range(start, args.steps), desc=f"task {task} {word}", initial=start, total=args.steps)
+    for step in bar:
+        idx = torch.randint(len(mean), (args.batch,), generator=g)
+        eps_z = torch.randn(mean[idx].shape, generator=g).to(device)
+        x0 = model.vae.cfg.scale_factor * (mean[idx] + (0.5 * logvar[idx]).exp() * eps_z)
+        t = torch.randint(len(ac), (args.batch,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        a = ac[t][:, None, None, None]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        prompts = [TEMPLATES[i].format(word) for i in torch.randint(len(TEMPLATES), (args.batch,), generator=g).tolist()]
+        ctx = model.text_encoder(model.tokenizer(prompts).to(device))
+        with torch.autocast("cuda", dtype=DTYPES[args.dtype], enabled=device.startswith("cuda") and args.dtype != "fp32"):
+            pred = unet(noisy.to(ctx.dtype), t, ctx)
+        mse = F.mse_loss(pred.float(), noise)
+        loss = mse + lam * adapter.penalty() if lam else mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{mse.item():.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            # One file: parameters, AdamW moments, step and random state, so a resume is exact.
+            state = {"step": torch.tensor(step + 1), "generator": g.get_state()}
+            for i, p in enumerate(adapter.trainable()):
+                state[f"param.{i:04d}"] = p
+                state.update({f"adam.{i:04d}.{k}": opt.state[p][k] for k in ADAM_STATE})
+            save_safetensors(state, partial)
+    return partial
+
+
+@torch.no_grad()
+def sample_grid(model, words, args, path):
+    """One seeded sample of every concept learned so far: forgetting at a glance."""
+    f = model.vae.cfg.downsample
+    noise = torch.randn(len(words), model.unet.cfg.in_channels, args.res // f, args.res // f,
+                        generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    cond = model.encode_text([f"a photo of {w}" for w in words])
+    uncond = model.encode_text([""] * len(words))
+    latents = ddim_sample(model.unet, cond, uncond, noise, args.grid_steps, args.cfg)
+    save_png(image_grid(model.decode(latents)), path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", type=int, required=True, help="bring the run up to this task (1-based)")
+    p.add_argument("--data", required=True, help="folder with one sub-folder of images per concept")
+    p.add_argument("--run", required=True, help="run folder: run.json and one small file per task")
+    p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/")
+    p.add_argument("--method", choices=METHODS, default="clora")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lr", type=float, help="default: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
+    p.add_argument("--lam", type=float, default=1e8, help="C-LoRA's self-regularisation weight (lambda)")
+    p.add_argument("--tokens", type=int, default=2, help="token embeddings per concept")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--res", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint the task in training every N steps")
+    p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps of the per-task sample grid")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--overwrite", action="store_true", help="retrain task --task even if the run has it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="on CUDA, bf16/fp16 autocast for the UNet")
+    args = p.parse_args(argv)
+    args.lr = args.lr or DEFAULT_LR[args.method]
+    try:
+        run(args)
+    except (TrainError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    stream = concepts(args.data)
+    if not 1 <= args.task <= len(stream):
+        raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
+    ckpt = find_checkpoint(args.ckpt)
+    settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
+                "tokens_per_concept": args.tokens}
+    run_dir = Path(args.run)
+    state = open_run(run_dir, settings)
+    done = {t["task"]: t for t in state["tasks"]}
+    later = [t for t in done if t > args.task]
+    if args.overwrite and later:
+        raise TrainError(f"--overwrite of task {args.task} would leave tasks {later} built on the old one; start a new --run")
+    to_train = [t for t in range(1, args.task + 1) if t not in done or (args.overwrite and t == args.task)]
+    # Every image of every task to train is read (and checked) before anything is trained or written.
+    images = {t: load_images(stream[t - 1][1], args.res) for t in to_train}
+    model = StableDiffusion.load(ckpt, args.device, torch.float32)
+    adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank)
+    for task, (word, folder) in enumerate(stream[: args.task], start=1):
+        if task not in to_train:
+            if done[task]["word"] != word:
+                raise TrainError(f"task {task} of the run is {done[task]['word']}, but the data's folder {task} is {word}")
+            adapter.load_task(word, read_state_dict(task_file(run_dir, task)))
+            print(f"task {task} {word}: kept from the run")
+            continue
+        print(f"task {task} {word}: training ({args.method}, {args.steps} steps)"
+              + ("" if task == args.task else f", since the run lacks it and --task is {args.task}"))
+        partial = train_task(model, adapter, word, images.pop(task), args, task, run_dir)
+        save_safetensors(adapter.task_tensors(), task_file(run_dir, task), metadata={"word": word, "task": task})
+        norms = adapter.delta_norms()
+        state["tasks"] = [t for t in state["tasks"] if t["task"] != task] + [
+            {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr, "lam": args.lam,
+             "file": task_file(run_dir, task).name, "delta_norm": norms}]
+        state["tasks"].sort(key=lambda t: t["task"])
+        write_json(state, run_dir / "run.json")
+        partial.unlink(missing_ok=True)
+        print(f"task {task} {word}: delta norm {norms['total']:.4g} (K {norms['to_k']:.4g}, V {norms['to_v']:.4g})")
+        adapter.finish_task()
+        sample_grid(model, adapter.words, args, run_dir / f"grid_task_{task:02d}.png")
+    print(f"run {run_dir} holds tasks 1-{args.task}: {' '.join(adapter.words)}")
+
+
+if __name__ == "__main__":
+    main()
