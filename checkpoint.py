@@ -6,6 +6,7 @@
 
 Every failure is a `CheckpointError` whose message is one line saying what is wrong and what to do.
 """
+import hashlib
 import json
 import mmap
 import os
@@ -78,6 +79,15 @@ def _read_ckpt(path):
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no tensor state dict")
     return sd
+
+
+def sha256(path):
+    """Content fingerprint of a file (a run records its base checkpoint's)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextmanager

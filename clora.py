@@ -22,9 +22,15 @@ The same class runs the paper's baselines by changing what trains and the penalt
     adapter.task_tensors()                      # what a task file stores
     adapter.fold()                              # plain nn.Linear / nn.Embedding again, for sampling
 """
+import json
+import re
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoint import CheckpointError, read_state_dict, sha256
 
 TARGETS = ("attn2.to_k", "attn2.to_v")
 # method -> (delta: "lowrank" | "full" | None, penalty on?)
@@ -219,3 +225,34 @@ class CLoRA(nn.Module):
         if not self.penalized:
             return torch.zeros(())
         return sum((layer.past.abs() * layer.delta()).square().sum() for layer in self.kv.values())
+
+
+def task_file(run_dir, task):
+    return Path(run_dir) / f"task_{task:02d}.safetensors"
+
+
+def read_run(run_dir):
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise CheckpointError(f"{run_dir}: no run.json, so not a train.py run folder")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir, model, ckpt):
+    """Every task of a train.py run, folded into `model` (a StableDiffusion loaded from `ckpt`) for
+    sampling. The base checkpoint must be the run's own: its fingerprint is checked."""
+    run = read_run(run_dir)
+    if sha256(ckpt) != run["base_sha256"]:
+        raise CheckpointError(f"{ckpt} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']})")
+    adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
+    for t in run["tasks"]:
+        adapter.load_task(t["word"], read_state_dict(task_file(run_dir, t["task"])))
+    adapter.fold()
+    return adapter.words
+
+
+def check_concept_words(prompts, known):
+    """A `<word>` in a prompt that no task learned is an error, not silently BPE-split text."""
+    unknown = sorted({w for p in prompts for w in re.findall(r"<[^<>\s]+>", p.lower())} - set(known))
+    if unknown:
+        raise ValueError(f"unknown concept {', '.join(unknown)}; known: {' '.join(known) or 'none (pass --run)'}")

@@ -2,8 +2,10 @@
 
     python sample.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut riding a horse"
     python sample.py --prompt "a castle at dusk" --steps 50 --cfg 7.5 --seed 0 --n 4 --out grid.png --device cuda --dtype fp16
+    python sample.py --run runs/faces --prompt "a photo of <alice> and <bob> at the beach"
 
-Without --ckpt, the first .safetensors / .ckpt file in weights/ is used.
+Without --ckpt, the run's base checkpoint (with --run) or the first .safetensors / .ckpt file in
+weights/ is used. With --run, every concept the run learned is folded into the weights first.
 """
 import argparse
 import math
@@ -17,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, check_sd1, read_state_dict
+from clora import check_concept_words, load_run, read_run
 from clip_text import TextEncoder, Tokenizer
 from unet import UNet
 from vae import VAE
@@ -126,6 +129,7 @@ def find_checkpoint(ckpt):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="SD 1.x checkpoint (.safetensors or .ckpt); default: the first one in weights/")
+    p.add_argument("--run", help="a train.py run folder: sample with every concept it learned")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt (the unconditional side of guidance)")
     p.add_argument("--steps", type=int, default=50)
@@ -140,10 +144,12 @@ def main(argv=None):
     if not 1 <= args.steps <= 1000 or args.n < 1:
         p.error("--steps must be in 1..1000 and --n at least 1")
     try:
-        path = find_checkpoint(args.ckpt)
+        path = find_checkpoint(args.ckpt or (read_run(args.run)["base_checkpoint"] if args.run else None))
         print(f"loading {path}")
         model = StableDiffusion.load(path, args.device, DTYPES[args.dtype])
-    except CheckpointError as e:
+        words = load_run(args.run, model, path) if args.run else []
+        check_concept_words([args.prompt, args.negative], words)
+    except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     f = model.vae.cfg.downsample
     multiple = f * 2 ** (len(model.unet.cfg.channel_mult) - 1)  # the UNet halves the latent at every level but the last

@@ -12,7 +12,6 @@ task N: missing earlier tasks are trained first, tasks already in the run are ke
 plus `grid_task_NN.png`: one sample of every concept learned so far.
 """
 import argparse
-import hashlib
 import json
 import random
 import re
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, read_state_dict, save_safetensors
-from clora import METHODS, CLoRA
+from checkpoint import CheckpointError, atomic_write, read_state_dict, save_safetensors, sha256
+from clora import METHODS, CLoRA, task_file
 from sample import DTYPES, StableDiffusion, alphas_cumprod, ddim_sample, find_checkpoint, image_grid, save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -78,14 +77,6 @@ def load_images(folder, res):
 # The run folder
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json(obj, path):
     with atomic_write(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
@@ -103,10 +94,6 @@ def open_run(run_dir, settings):
             raise TrainError(f"{path}: this run was made with {what} {run[k]!r}, not {settings[k]!r}; "
                              "use the same one or start a new --run folder")
     return run
-
-
-def task_file(run_dir, task):
-    return Path(run_dir) / f"task_{task:02d}.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------

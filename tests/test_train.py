@@ -116,3 +116,23 @@ def test_unknown_method_is_a_one_line_error(tiny_ckpt, data, tmp_path, capsys):
         train.main(args(ckpt, data, tmp_path / "run", 1, "--method", "dreambooth"))
     assert e.value.code != 0 and "invalid choice: 'dreambooth'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_from_a_run_and_unknown_concepts(tiny_ckpt, data, tmp_path):
+    import sample
+
+    ckpt, _ = tiny_ckpt
+    run = tmp_path / "run"
+    train.main(args(ckpt, data, run, 2))
+    out = tmp_path / "both.png"
+    base = ["--steps", "2", "--n", "1", "--size", "16"]
+    sample.main(["--run", str(run), "--prompt", "a photo of <alice> and <bob>", "--out", str(out), *base])
+    assert Image.open(out).size == (16, 16)
+    with pytest.raises(SystemExit, match=r"unknown concept <carol>; known: <alice> <bob>"):
+        sample.main(["--run", str(run), "--prompt", "a photo of <carol>", *base])
+    with pytest.raises(SystemExit, match=r"unknown concept <alice>; known: none \(pass --run\)"):
+        sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of <alice>", *base])
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(ckpt.read_bytes()[:-1] + bytes([ckpt.read_bytes()[-1] ^ 1]))
+    with pytest.raises(SystemExit, match="is not the base checkpoint of run"):
+        sample.main(["--run", str(run), "--ckpt", str(other), "--prompt", "x", *base])
