@@ -4,6 +4,9 @@
     python bench.py --size tiny --res 64
     python bench.py --device cuda --dtype fp16 --repeats 20
 
+and, with --train, one C-LoRA training step (at task 2: a frozen past task, penalty on; rank 16 on
+every attn2.to_k / to_v) against diffusers + peft LoRA on the same layers (no penalty: peft has none).
+
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
 below 1 is faster) and the peak memory each forward adds on top of the loaded weights. Weights are
 random (no checkpoint is needed) and shared: both sides compute the same function. Needs the test
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, original_checkpoint,  # noqa: E402
@@ -92,6 +96,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--train", action="store_true", help="also time one C-LoRA training step against diffusers + peft")
+    p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ref-channels-last", action="store_true", help="give the references our NHWC layout too")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -120,6 +126,45 @@ def main():
         compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state, device, args.repeats)
         compare("unet forward", lambda: unet(latents, t, ctx), lambda: ref_unet(latents, t, ctx).sample, device, args.repeats)
         compare("vae decode", lambda: vae.decode(latents), lambda: ref_vae.decode(latents).sample, device, args.repeats)
+    if args.train:
+        ours_step, ref_step = train_steps(text, unet, ref_unet, latents, ctx, args.rank)
+        compare(f"train step r{args.rank}", ours_step, ref_step, device, args.repeats)
+
+
+def train_steps(text, unet, ref_unet, latents, ctx, rank):
+    """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty for ours), backward, AdamW."""
+    from peft import LoraConfig
+
+    from clip_text import Tokenizer
+    from clora import CLoRA
+
+    adapter = CLoRA(unet, text, Tokenizer(), "clora", rank)
+    g = torch.Generator().manual_seed(0)
+    past = {"tokens": torch.randn(2, text.cfg.width, generator=g)}
+    for name, layer in adapter.kv.items():  # a finished task 1, so that the penalty is really computed
+        past[name.replace("/", ".") + ".A"] = 1e-3 * torch.randn(layer.weight.shape[0], rank, generator=g)
+        past[name.replace("/", ".") + ".B"] = 1e-3 * torch.randn(rank, layer.weight.shape[1], generator=g)
+    adapter.load_task("<past>", past)
+    adapter.start_task("<new>")
+    ref_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["attn2.to_k", "attn2.to_v"]))
+    ref_params = [p for p in ref_unet.parameters() if p.requires_grad]
+    assert len(ref_params) == 2 * len(adapter.kv)  # the same layers, A and B each
+    t = torch.full((len(latents),), 500, device=latents.device)
+    noise = torch.randn_like(latents)
+
+    def step(model, params, penalty):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def run():
+            pred = model(latents, t, ctx)
+            loss = F.mse_loss((pred if torch.is_tensor(pred) else pred.sample).float(), noise.float()) + 1e8 * penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    return step(unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
 
 
 if __name__ == "__main__":

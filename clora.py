@@ -43,7 +43,7 @@ METHODS = {
 
 
 class KVDelta(nn.Module):
-    """One K or V projection: y = x (W_init + past + delta)^T, delta = A B (or a full matrix D).
+    """One K or V projection: y = x (W_init + past + A B)^T (or + D, a full-rank delta, for `kv`).
     W_init is the base Linear's own Parameter (key `...attn2.to_k.weight` unchanged) and is never
     written; `past` is the frozen sum of earlier tasks' deltas."""
 
@@ -72,11 +72,13 @@ class KVDelta(nn.Module):
         return self.D
 
     def forward(self, x):
-        w = self.weight + self.past.to(self.weight.dtype)
-        d = self.delta()
-        if d is not None:
-            w = w + d.to(w.dtype)
-        return F.linear(x, w)
+        y = F.linear(x, self.weight + self.past.to(self.weight.dtype))  # both frozen: nothing saved for backward
+        # The current task's term through its factors, x B^T A^T: never an (out, in) matrix in the graph.
+        if self.A is not None:
+            return y + F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype))
+        if self.D is not None:
+            return y + F.linear(x, self.D.to(x.dtype))
+        return y
 
 
 class ConceptEmbedding(nn.Module):
