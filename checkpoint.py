@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,21 @@ def _read_safetensors(path):
             count = (end - begin) // dtype.itemsize
             sd[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
     return sd
+
+
+def read_metadata(path):
+    """A .safetensors file's `__metadata__` ({} for none, and for .ckpt files). The embedded tiny model
+    keeps there what its tensor shapes cannot tell (UNet heads, the VAE's latent scale, its name)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or len(head) < 8:
+            return {}
+        n = struct.unpack("<Q", head)[0]
+        try:
+            return json.loads(f.read(min(n, 100_000_000))).get("__metadata__", {})
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return {}  # read_state_dict reports what is wrong with the file
 
 
 def _read_ckpt(path):
@@ -151,16 +167,16 @@ def submodel_state_dict(sd, prefix, skipped=()):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] not in skipped}
 
 
-def load_model(cls, config_from_state_dict, sd):
+def load_model(cls, config_from_state_dict, sd, **overrides):
     """Build `cls` from a full original checkpoint: take the keys under `cls.PREFIX` (minus the named
-    `cls.SKIPPED`), read the config off their shapes, build on the meta device and
+    `cls.SKIPPED`), read the config off their shapes (plus `overrides`: what shapes cannot tell), build on the meta device and
     load_state_dict(strict=True, assign=True). Assign takes the checkpoint's tensors as they are: no
     random init of 860M parameters and no second copy of the weights; call `.to(device, dtype)` after.
     Missing or unexpected keys become one readable line instead of torch's page-long error."""
     what = f"{cls.__name__} ({cls.PREFIX}*)"
     own = submodel_state_dict(sd, cls.PREFIX, cls.SKIPPED)
     try:
-        cfg = config_from_state_dict(own)
+        cfg = replace(config_from_state_dict(own), **overrides)
     except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f"{what}: cannot read the model's shape from the checkpoint (no {e}); "
                               "not a complete SD 1.x checkpoint") from None

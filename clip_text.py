@@ -221,6 +221,6 @@ class TextEncoder(nn.Module):
         return m.final_layer_norm(x)
 
     @classmethod
-    def from_checkpoint(cls, sd):
+    def from_checkpoint(cls, sd, **overrides):
         """Build from a full original checkpoint dict (prefixed keys), config read off the shapes."""
-        return load_model(cls, TextConfig.from_state_dict, sd)
+        return load_model(cls, TextConfig.from_state_dict, sd, **overrides)

@@ -5,9 +5,11 @@
     python sample.py --run runs/faces --prompt "a photo of <alice> and <bob> at the beach"
 
 Without --ckpt, the run's base checkpoint (with --run) or the first .safetensors / .ckpt file in
-weights/ is used. With --run, every concept the run learned is folded into the weights first.
+weights/ is used, and with none there, the embedded tiny model (weights/embedded/, see pretrain.py).
+With --run, every concept the run learned is folded into the weights first.
 """
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -18,13 +20,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, check_sd1, read_state_dict
+from checkpoint import CheckpointError, atomic_write, check_sd1, read_metadata, read_state_dict
 from clora import check_concept_words, load_run, read_run
 from clip_text import TextEncoder, Tokenizer
 from unet import UNet
 from vae import VAE
 
 WEIGHTS = Path(__file__).parent / "weights"
+EMBEDDED = WEIGHTS / "embedded" / "tiny_sd.safetensors"  # the default when no SD checkpoint is given or in weights/
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys of an original checkpoint that no model here loads: the training schedule (recomputed below)
 # and the EMA copy of the UNet (the pruned files hold the EMA weights as the model itself).
@@ -52,18 +55,26 @@ class StableDiffusion:
     text_encoder: TextEncoder
     unet: UNet
     vae: VAE
+    name: str = "sd1"  # which model this is: train.py picks its defaults by it
+    resolution: int = 512  # the image size it was trained at
 
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32):
         sd = read_state_dict(path)
+        # Config fields that shapes cannot tell, kept in the file's metadata as "unet.num_heads": "4", ...
+        # (the real SD 1.x files have none: the configs' defaults are SD 1.x's).
+        meta = read_metadata(path)
+        overrides = {m: {k.split(".", 1)[1]: json.loads(v) for k, v in meta.items() if k.startswith(m + ".")}
+                     for m in ("text", "unet", "vae")}
         check_sd1(sd, path)
         models = (TextEncoder, UNet, VAE)
         unknown = [k for k in sd if not (k in SCHEDULE_KEYS or k.startswith(EMA_PREFIX) or k.startswith(tuple(m.PREFIX for m in models)))]
         if unknown:
             raise CheckpointError(f"{path}: {len(unknown)} keys belong to no SD 1.x model (e.g. {unknown[0]}); "
                                   "only original-layout SD 1.x checkpoints are supported")
-        text_encoder, unet, vae = (prepare(m.from_checkpoint(sd), device, dtype) for m in models)
-        return cls(Tokenizer(), text_encoder, unet, vae)
+        text_encoder, unet, vae = (prepare(m.from_checkpoint(sd, **overrides[key]), device, dtype)
+                                   for m, key in zip(models, ("text", "unet", "vae")))
+        return cls(Tokenizer(), text_encoder, unet, vae, meta.get("model", "sd1"), int(meta.get("resolution", 512)))
 
     @torch.no_grad()
     def encode_text(self, prompts):
@@ -100,10 +111,10 @@ def ddim_sample(unet, cond, uncond, latents, steps=50, cfg=7.5, progress=False):
     return x
 
 
-def image_grid(images):
-    """(N, H, W, 3) uint8 -> one PIL image, as square as possible."""
+def image_grid(images, cols=None):
+    """(N, H, W, 3) uint8 -> one PIL image, `cols` wide (default: as square as possible)."""
     n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
     for i, img in enumerate(images.numpy()):
@@ -117,13 +128,18 @@ def save_png(image, path):
 
 
 def find_checkpoint(ckpt):
+    """--ckpt, else the first SD checkpoint in weights/, else the embedded tiny model (saying so)."""
     if ckpt:
         return Path(ckpt)
-    found = sorted(p for p in WEIGHTS.glob("*") if p.suffix in (".safetensors", ".ckpt"))
-    if not found:
-        raise CheckpointError(f"no SD 1.x checkpoint given or found in {WEIGHTS}/: put v1-5-pruned-emaonly.safetensors "
-                              "(or any SD 1.x .safetensors/.ckpt) there, or pass --ckpt PATH")
-    return found[0]
+    found = sorted(p for p in WEIGHTS.glob("*") if p.suffix in (".safetensors", ".ckpt"))  # not weights/embedded/
+    if found:
+        return found[0]
+    if not EMBEDDED.exists():
+        raise CheckpointError(f"no SD checkpoint given or in {WEIGHTS}/ and the embedded tiny model {EMBEDDED} is missing "
+                              "(git checkout weights/embedded); put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt PATH")
+    print(f"no SD checkpoint given or in {WEIGHTS.name}/: using the embedded tiny model {EMBEDDED.relative_to(WEIGHTS.parent)} "
+          "and its world of cartoon faces (put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt for the real one)")
+    return EMBEDDED
 
 
 def main(argv=None):
@@ -136,7 +152,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=4, help="number of images")
-    p.add_argument("--size", type=int, default=512, help="image height and width, a multiple of 8")
+    p.add_argument("--size", type=int, help="image height and width; default: the model's (512 for SD 1.x)")
     p.add_argument("--out", default="grid.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -151,6 +167,7 @@ def main(argv=None):
         check_concept_words([args.prompt, args.negative], words)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
+    args.size = args.size or model.resolution
     f = model.vae.cfg.downsample
     multiple = f * 2 ** (len(model.unet.cfg.channel_mult) - 1)  # the UNet halves the latent at every level but the last
     if args.size % multiple:

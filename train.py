@@ -10,6 +10,10 @@ folder name gives the concept word (`03_alice/` -> `<alice>`). `--task N` brings
 task N: missing earlier tasks are trained first, tasks already in the run are kept. A run folder holds
 `run.json` and one small `task_NN.safetensors` per task (its delta factors and token embeddings),
 plus `grid_task_NN.png`: one sample of every concept learned so far.
+
+With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and the concept stream of
+`world.py` are the default, and so is `--run runs/world-<method>`: `python train.py --task 3` runs as is.
+Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 """
 import argparse
 import json
@@ -24,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, read_state_dict, save_safetensors, sha256
+import world
+from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256
 from clora import METHODS, CLoRA, task_file
 from sample import DTYPES, StableDiffusion, alphas_cumprod, ddim_sample, find_checkpoint, image_grid, save_png
 
@@ -32,7 +37,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # No class word: the concept word alone carries the identity (the paper's setting).
 TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the photo of {}", "a close-up photo of {}",
              "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
-DEFAULT_LR = {"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}
+# Per-model defaults, keyed by the checkpoint's metadata "model" (none: SD 1.x). SD 1.x: the paper's
+# settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
+# size of its weights and deltas, as the paper's 1e8 is to SD 1.5's.
+DEFAULTS = {
+    "sd1": dict(rank=16, lam=1e8, steps=2000, res=512, grid_steps=50, cfg=7.5,
+                lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}),
+    "tiny-world": dict(rank=4, lam=1e3, steps=150, res=world.SIZE, grid_steps=20, cfg=3.0,
+                       lr={"clora": 2e-3, "lora": 2e-3, "ti": 2e-2, "kv": 2e-4}),
+}
+SETTINGS = ("rank", "lam", "steps", "res", "grid_steps", "cfg", "lr")
+WORLD_DATA = Path("data/world")
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept")  # what every task of a run must share
 
@@ -167,39 +182,57 @@ def sample_grid(model, words, args, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", type=int, required=True, help="bring the run up to this task (1-based)")
-    p.add_argument("--data", required=True, help="folder with one sub-folder of images per concept")
-    p.add_argument("--run", required=True, help="run folder: run.json and one small file per task")
-    p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/")
+    p.add_argument("--data", help="folder with one sub-folder of images per concept (default with the tiny model: its world)")
+    p.add_argument("--run", help="run folder: run.json and one small file per task; default: runs/<data>-<method>")
+    p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/, else the embedded tiny model")
     p.add_argument("--method", choices=METHODS, default="clora")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, help="default: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
-    p.add_argument("--lam", type=float, default=1e8, help="C-LoRA's self-regularisation weight (lambda)")
+    # The settings below default per model (DEFAULTS): the paper's values on SD 1.x.
+    p.add_argument("--rank", type=int, help="rank of A_t B_t (SD 1.x: 16)")
+    p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
+    p.add_argument("--lam", type=float, help="C-LoRA's self-regularisation weight lambda (SD 1.x: 1e8)")
+    p.add_argument("--steps", type=int, help="SD 1.x: 2000")
+    p.add_argument("--res", type=int, help="training image size (SD 1.x: 512)")
+    p.add_argument("--grid-steps", type=int, help="DDIM steps of the per-task sample grid (SD 1.x: 50)")
+    p.add_argument("--cfg", type=float, help="guidance scale of the sample grid (SD 1.x: 7.5)")
     p.add_argument("--tokens", type=int, default=2, help="token embeddings per concept")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--res", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--save-every", type=int, default=200, help="checkpoint the task in training every N steps")
-    p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps of the per-task sample grid")
-    p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--overwrite", action="store_true", help="retrain task --task even if the run has it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="on CUDA, bf16/fp16 autocast for the UNet")
     args = p.parse_args(argv)
-    args.lr = args.lr or DEFAULT_LR[args.method]
     try:
         run(args)
     except (TrainError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 
+def resolve_defaults(args, ckpt):
+    """Fill the settings not given from the model's defaults; the tiny model also defaults --data."""
+    name = read_metadata(ckpt).get("model", "sd1")
+    defaults = DEFAULTS.get(name, DEFAULTS["sd1"])
+    for k in SETTINGS:
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k][args.method] if k == "lr" else defaults[k])
+    if args.data is None:
+        if name != "tiny-world":
+            raise TrainError("--data is required with an SD checkpoint: a folder with one sub-folder of images per concept")
+        args.data = world.write_concepts(WORLD_DATA)
+        print(f"data: the world's concept stream in {args.data}/ ({len(world.CONCEPTS)} concepts)")
+    args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
+
+
 def run(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    ckpt = find_checkpoint(args.ckpt)
+    if not ckpt.is_file():
+        raise TrainError(f"--ckpt {ckpt}: no such file")
+    resolve_defaults(args, ckpt)
     stream = concepts(args.data)
     if not 1 <= args.task <= len(stream):
         raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
-    ckpt = find_checkpoint(args.ckpt)
     settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
                 "tokens_per_concept": args.tokens}
     run_dir = Path(args.run)

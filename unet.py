@@ -222,6 +222,6 @@ class UNet(nn.Module):
         return self.out(x)
 
     @classmethod
-    def from_checkpoint(cls, sd):
+    def from_checkpoint(cls, sd, **overrides):
         """Build from a full original checkpoint dict (prefixed keys), config read off the shapes."""
-        return load_model(cls, UNetConfig.from_state_dict, sd)
+        return load_model(cls, UNetConfig.from_state_dict, sd, **overrides)

@@ -172,6 +172,6 @@ class VAE(nn.Module):
         return self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last)))
 
     @classmethod
-    def from_checkpoint(cls, sd):
+    def from_checkpoint(cls, sd, **overrides):
         """Build from a full original checkpoint dict (prefixed keys), config read off the shapes."""
-        return load_model(cls, VAEConfig.from_state_dict, sd)
+        return load_model(cls, VAEConfig.from_state_dict, sd, **overrides)

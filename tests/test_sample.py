@@ -53,7 +53,8 @@ def test_cli_bf16_runs_close_to_fp32(tiny_ckpt, tmp_path):
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sample, "WEIGHTS", tmp_path / "empty")
-    with pytest.raises(SystemExit, match="no SD 1.x checkpoint given or found in .*put v1-5-pruned-emaonly"):
+    monkeypatch.setattr(sample, "EMBEDDED", tmp_path / "empty" / "embedded" / "tiny_sd.safetensors")
+    with pytest.raises(SystemExit, match="no SD checkpoint given or in .*embedded tiny model .* is missing .*put v1-5-pruned-emaonly"):
         sample.main(["--prompt", "x"])
     path, _ = tiny_ckpt
     with pytest.raises(SystemExit, match="--size must be a multiple of 8"):

@@ -1,0 +1,195 @@
+"""Pretrain the embedded tiny Stable Diffusion on the base distribution of `world.py`: the same
+UNet / TextEncoder / VAE classes as SD 1.x with small configs, saved as one original-layout
+.safetensors that sample.py and train.py load by the same code path as the real SD 1.5.
+
+    python pretrain.py                                  # resumable: rerun after a kill to continue
+    python pretrain.py --vae-steps 200 --unet-steps 500 --out /tmp/tiny.safetensors   # a quick try
+
+Stage 1 trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
+and GAN losses, which flat cartoon colours do not need). Stage 2 trains the text encoder (with the
+real CLIP BPE tokenizer) and the UNet together on the cached latents of a fixed pool of captioned
+faces, noise-prediction MSE on SD's own schedule, 10% empty captions for classifier-free guidance,
+an EMA of the weights. The output's metadata holds what shapes cannot tell (UNet heads, the VAE's
+latent scale) and names the model, so train.py can pick its defaults.
+"""
+import argparse
+import copy
+import json
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import world
+from checkpoint import atomic_write, save_safetensors
+from clip_text import TextConfig, TextEncoder, Tokenizer
+from sample import alphas_cumprod
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+MODEL_NAME = "tiny-world"  # the metadata name train.py keys its defaults on
+TEXT = TextConfig(width=64, layers=3, heads=1)  # heads = width / 64, CLIP's rule; the full 49,408-token vocabulary
+# Attention at the 8x8 and 4x4 latent levels only: at 16x16 it cost a third of the step on 2 CPU cores.
+UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                  num_heads=4, context_dim=64)
+VAE_CFG = VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)  # 64x64x3 images <-> 16x16x4 latents
+OUT = Path(__file__).parent / "weights" / "embedded" / "tiny_sd.safetensors"
+
+
+def make_pool(n, seed, workers=2):
+    """n captioned base-distribution images, generated in parallel chunks (each chunk its own seed)."""
+    chunks = [(min(500, n - i), f"{seed}-{i}") for i in range(0, n, 500)]
+    with Pool(workers) as pool:
+        parts = pool.starmap(world.base_images, chunks)
+    pairs = [p for part in parts for p in part]
+    return np.stack([np.asarray(im) for im, _ in pairs]), [c for _, c in pairs]
+
+
+def save_state(state, path):
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train_vae(vae, images, args, state, state_path):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    if "vae_opt" in state:
+        opt.load_state_dict(state["vae_opt"])
+    g = torch.Generator().manual_seed(args.seed)
+    g.manual_seed(args.seed + state["vae_step"])  # a resumed run continues with fresh but reproducible batches
+    t0 = time.time()
+    for step in range(state["vae_step"], args.vae_steps):
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=g)]
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + args.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"vae {step + 1}/{args.vae_steps} loss {loss.item():.4f} kl {kl.item():.1f} ({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
+            state.update(vae_step=step + 1, vae=vae.state_dict(), vae_opt=opt.state_dict())
+            save_state(state, state_path)
+
+
+@torch.no_grad()
+def encode_pool(vae, images):
+    """(mean, logvar) of every pool image, and the scale that gives the latents unit variance (SD's 0.18215 was
+    chosen the same way for its own VAE)."""
+    means, logvars = [], []
+    for i in range(0, len(images), 256):
+        x = images[i:i + 256].permute(0, 3, 1, 2).float() / 127.5 - 1
+        m, lv = vae.encode(x)
+        means.append(m.contiguous())
+        logvars.append(lv.contiguous())
+    mean, logvar = torch.cat(means), torch.cat(logvars)
+    return mean, logvar, 1.0 / mean.std().item()
+
+
+def train_unet(text, unet, ema, mean, logvar, scale, captions, args, state, state_path):
+    tok = Tokenizer()
+    ids = tok(captions)  # (N, 77): every caption tokenized once
+    empty = tok([""])[0]
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if "unet_opt" in state:
+        opt.load_state_dict(state["unet_opt"])
+    ac = alphas_cumprod()
+    g = torch.Generator().manual_seed(args.seed + 10**6 + state["unet_step"])
+    t0 = time.time()
+    ema_params = list(ema[0].parameters()) + list(ema[1].parameters())
+    for step in range(state["unet_step"], args.unet_steps):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200)  # warm-up
+        idx = torch.randint(len(mean), (args.batch,), generator=g)
+        x0 = scale * (mean[idx] + (0.5 * logvar[idx]).exp() * torch.randn(mean[idx].shape, generator=g))
+        x0 = torch.where(torch.rand(args.batch, 1, 1, 1, generator=g) < 0.5, x0, x0.flip(-1))  # mirror
+        batch_ids = torch.where(torch.rand(args.batch, 1, generator=g) < 0.1, empty, ids[idx])  # CFG dropout
+        t = torch.randint(len(ac), (args.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = ac[t][:, None, None, None]
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, text(batch_ids))
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        if (step + 1) % 50 == 0:
+            print(f"unet {step + 1}/{args.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.unet_steps:
+            state.update(unet_step=step + 1, text=text.state_dict(), unet=unet.state_dict(), unet_opt=opt.state_dict(),
+                         ema_text=ema[0].state_dict(), ema_unet=ema[1].state_dict())
+            save_state(state, state_path)
+
+
+def export(text, unet, vae, scale, path, args):
+    """One original-layout checkpoint (fp16), like v1-5-pruned-emaonly: the EMA weights as the model."""
+    sd = {}
+    for m in (text, unet, vae):
+        sd.update({m.PREFIX + k: v.detach().half() for k, v in m.state_dict().items()})
+    meta = {"model": MODEL_NAME, "unet.num_heads": unet.cfg.num_heads, "vae.scale_factor": f"{scale:.6f}",
+            "resolution": world.SIZE,
+            "made_by": f"python pretrain.py --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --seed {args.seed}"}
+    save_safetensors(sd, path, metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {json.dumps(meta)}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--work", type=Path, default=Path("runs/pretrain"), help="image pool and resumable state")
+    p.add_argument("--pool", type=int, default=12000, help="base-distribution images to train on")
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=8e-4)
+    p.add_argument("--kl", type=float, default=1e-6)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    pool_path = args.work / f"pool_{args.pool}_{args.seed}.npz"
+    if not pool_path.exists():
+        t0 = time.time()
+        images, captions = make_pool(args.pool, args.seed)
+        with atomic_write(pool_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, captions=np.array(captions))
+        print(f"generated {args.pool} base images in {time.time() - t0:.0f} s")
+    data = np.load(pool_path)
+    images, captions = torch.from_numpy(data["images"]), [str(c) for c in data["captions"]]
+
+    text, unet, vae = TextEncoder(TEXT), UNet(UNET), VAE(VAE_CFG)
+    unet, vae = (m.to(memory_format=torch.channels_last) for m in (unet, vae))  # the layout the models run in
+    state_path = args.work / f"state_{args.seed}.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else {"vae_step": 0, "unet_step": 0}
+    for key, m in (("vae", vae), ("text", text), ("unet", unet)):
+        if key in state:
+            m.load_state_dict(state[key])
+    print(f"state: vae step {state['vae_step']}, unet step {state['unet_step']}")
+    train_vae(vae.train(), images, args, state, state_path)
+    vae.eval().requires_grad_(False)
+    mean, logvar, scale = encode_pool(vae, images)
+    print(f"latent scale factor {scale:.5f}")
+    ema = (copy.deepcopy(text).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False))
+    for key, m in (("ema_text", ema[0]), ("ema_unet", ema[1])):
+        if key in state:
+            m.load_state_dict(state[key])
+    train_unet(text.train(), unet.train(), ema, mean, logvar, scale, captions, args, state, state_path)
+    export(ema[0], ema[1], vae, scale, args.out, args)
+
+
+if __name__ == "__main__":
+    main()
