@@ -99,7 +99,7 @@ def ddim_sample(unet, cond, uncond, latents, steps=50, cfg=7.5, progress=False):
     ratio = len(ac) // steps
     timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # steps_offset 1: 981, 961, ..., 1 for 50 steps
     dtype = next(unet.parameters()).dtype
-    context = torch.cat([uncond, cond]).to(dtype)
+    context = unet.cache_context(torch.cat([uncond, cond]).to(dtype))  # the text's K, V: once, not once per step
     x = latents.float()
     for t in tqdm(timesteps.tolist(), desc="ddim", disable=not progress):
         eps_uncond, eps_cond = unet(torch.cat([x, x]).to(dtype), torch.full((2 * len(x),), t, device=x.device), context).float().chunk(2)

@@ -84,11 +84,16 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # `to_out.0`: CompVis had [Linear, Dropout]
 
     def forward(self, x, context=None):
-        context = x if context is None else context
+        """context: None (self-attention), (B, 77, C) text, or a `UNet.cache_context` dict holding this
+        layer's K and V of the text, computed once per prompt."""
         B, N, C = x.shape
+        if isinstance(context, dict):
+            k, v = context[self]
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
         # (B, tokens, C) -> (B, heads, tokens, C / heads)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (self.to_q(x), k, v))
         return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
@@ -207,7 +212,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context):
-        """x (B, 4, h, w) noisy latents, t (B,) timesteps, context (B, 77, 768) -> predicted noise."""
+        """x (B, 4, h, w) noisy latents, t (B,) timesteps, context (B, 77, 768) or its cache_context()
+        -> predicted noise."""
         # NHWC ("channels_last"): oneDNN and cuDNN convolutions run fastest in it, and the transformers'
         # (B, C, H, W) <-> (B, H*W, C) reshapes become views instead of copies.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -220,6 +226,13 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             x = block(torch.cat([x, skips.pop()], dim=1), emb, context)
         return self.out(x)
+
+    @torch.no_grad()
+    def cache_context(self, context):
+        """K and V of every cross-attention (`attn2`) for a text context (B, 77, C). They depend on the
+        text only, so a sampler computes them once per prompt instead of at every denoising step;
+        pass the result to forward() as `context`."""
+        return {m: (m.to_k(context), m.to_v(context)) for name, m in self.named_modules() if name.endswith("attn2")}
 
     @classmethod
     def from_checkpoint(cls, sd, **overrides):

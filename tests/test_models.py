@@ -54,3 +54,14 @@ def test_parity_with_diffusers_and_transformers_tiny():
         dist = ref_vae.encode(img).latent_dist
         assert rel_err(mean, dist.mean) < 1e-4 and rel_err(logvar, dist.logvar) < 1e-4
         assert rel_err(vae.decode(latents), ref_vae.decode(latents).sample) < 1e-4
+
+
+def test_cross_attention_kv_cache_equals_the_plain_forward():
+    text, unet, _ = tiny_models()
+    ctx = text(Tokenizer()(["a photo of a cat", "a dog"]))
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([999, 1])
+    cache = unet.cache_context(ctx)
+    n_attn2 = sum(name.endswith("attn2") for name, _ in unet.named_modules())
+    assert len(cache) == n_attn2 > 0
+    with torch.no_grad():
+        assert torch.equal(unet(latents, t, cache), unet(latents, t, ctx))
