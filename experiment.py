@@ -3,6 +3,7 @@ and the paper's baselines, scored after every task (evaluate.py), on 2 seeds.
 
     python experiment.py                                     # the README's table: ~25 min on 2 CPU cores
     python experiment.py --tasks 3 --seeds 0 --methods clora lora --out runs/exp-quick   # a quick look
+    python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args "--lam 1e4" --out runs/lam1e4
 
 Methods: clora, lora (the same stacking, lambda = 0), ti (tokens only), kv (full-rank K/V deltas,
 Custom Diffusion style), and an upper bound: every concept trained alone from the base model (no
@@ -13,6 +14,7 @@ Writes `--out`/results.md, results.json, matrices.png and a log per job in `--ou
 import argparse
 import json
 import os
+import shlex
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from multiprocessing import Pool
@@ -34,7 +36,7 @@ def job(spec):
     import evaluate
     import train
 
-    kind, method, concept, seed, tasks, out = spec
+    kind, method, concept, seed, tasks, out, extra = spec
     data = Path(out) / "data"
     if kind == "stream":
         name = f"{method}-s{seed}"
@@ -50,7 +52,7 @@ def job(spec):
     t0 = time.time()
     with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
         train.main(["--task", str(tasks if kind == "stream" else 1), "--data", str(data), "--run", str(run_dir),
-                    "--method", method, "--seed", str(seed), "--save-every", "0", "--device", "cpu"])
+                    "--method", method, "--seed", str(seed), "--save-every", "0", "--device", "cpu", *shlex.split(extra)])
         res = evaluate.evaluate_run(run_dir, seed=seed)
         evaluate.write_outputs(res, run_dir)
     return {"name": name, "kind": kind, "method": method, "seed": seed, "seconds": time.time() - t0,
@@ -100,12 +102,13 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--no-upper-bound", action="store_true")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--train-args", default="", help='extra train.py flags for every run, e.g. "--lam 1e4"')
     args = p.parse_args()
     t0 = time.time()
     world.write_concepts(Path(args.out) / "data")
-    jobs = [("stream", m, None, s, args.tasks, args.out) for s in args.seeds for m in args.methods]
+    jobs = [("stream", m, None, s, args.tasks, args.out, args.train_args) for s in args.seeds for m in args.methods]
     if not args.no_upper_bound:
-        jobs += [("alone", "clora", j, s, 1, args.out) for s in args.seeds for j in range(args.tasks)]
+        jobs += [("alone", "clora", j, s, 1, args.out, args.train_args) for s in args.seeds for j in range(args.tasks)]
     with Pool(args.workers, maxtasksperchild=1) as pool:  # a fresh process per job: nothing leaks between runs
         results = []
         for r in pool.imap_unordered(job, jobs):

@@ -120,8 +120,8 @@ def train_unet(text, unet, ema, mean, logvar, scale, captions, args, state, stat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        with torch.no_grad():  # EMA with warm-up: early on, the average must not hold on to the random init
+            torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         if (step + 1) % 50 == 0:
             print(f"unet {step + 1}/{args.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == args.unet_steps:

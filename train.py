@@ -31,7 +31,7 @@ from tqdm import tqdm
 import world
 from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256
 from clora import METHODS, CLoRA, task_file
-from sample import DTYPES, StableDiffusion, alphas_cumprod, ddim_sample, find_checkpoint, image_grid, save_png
+from sample import DTYPES, StableDiffusion, alphas_cumprod, compile_unet, ddim_sample, find_checkpoint, image_grid, save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # No class word: the concept word alone carries the identity (the paper's setting).
@@ -116,7 +116,8 @@ def open_run(run_dir, settings):
 
 
 def train_task(model, adapter, word, images, args, task, run_dir):
-    device, unet, vae = args.device, model.unet, model.vae
+    device, vae = args.device, model.vae
+    unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
     g = torch.Generator().manual_seed(args.seed * 1000 + task)
     adapter.start_task(word, args.tokens, seed=args.seed * 1000 + task)
     opt = torch.optim.AdamW(adapter.trainable(), lr=args.lr, weight_decay=0.0)
@@ -201,6 +202,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="on CUDA, bf16/fp16 autocast for the UNet")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's training step, Triton-free (cudagraphs on CUDA)")
     args = p.parse_args(argv)
     try:
         run(args)
