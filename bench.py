@@ -2,10 +2,13 @@
 
     python bench.py                      # full SD 1.x size on CPU, 512x512 (64x64 latents), batch 1
     python bench.py --size tiny --res 64
-    python bench.py --device cuda --dtype fp16 --repeats 20
+    python bench.py --device cuda --dtype bf16 --repeats 20 --compile --peak-tflops 989 --train
 
-and, with --train, one C-LoRA training step (at task 2: a frozen past task, penalty on; rank 16 on
+Components: text encoder, UNet forward (with its counted FLOPs; MFU given --peak-tflops), VAE decode,
+one step of DDIM + classifier-free guidance as sample.py and diffusers' pipeline run it, and, with
+--train, one C-LoRA training step (at task 2: a frozen past task, penalty on; rank 16 on
 every attn2.to_k / to_v) against diffusers + peft LoRA on the same layers (no penalty: peft has none).
+--compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton).
 
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
 below 1 is faster) and the peak memory each forward adds on top of the loaded weights. Weights are
@@ -24,12 +27,14 @@ from pathlib import Path
 import diffusers
 import torch
 import torch.nn.functional as F
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
-from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, original_checkpoint,  # noqa: E402
-                      random_model, transformers_clip)
+from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, diffusers_pipeline, diffusers_unet, diffusers_vae,  # noqa: E402
+                      original_checkpoint, random_model, transformers_clip)
 from clip_text import TextConfig, TextEncoder  # noqa: E402
-from sample import DTYPES, prepare  # noqa: E402
+from sample import DTYPES, compile_unet, ddim_sample, prepare  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 
@@ -71,17 +76,19 @@ def added_peak(fn, device):
     return peak(device) - base
 
 
-def compare(name, ours, ref, device, repeats):
-    """Warm both up, then alternate ours / reference so that drift in machine load hits both alike."""
+def compare(name, ours, ref, device, repeats, per=1):
+    """Warm both up, then alternate ours / reference so that drift in machine load hits both alike.
+    Times are per call, divided by `per` (e.g. the steps of one sampling call)."""
     ours(), ref()
     mem = [added_peak(fn, device) for fn in (ours, ref)]
     times = [[], []]
     for _ in range(repeats):
         for i, fn in enumerate((ours, ref)):
             times[i].append(timed(fn, device))
-    t_ours, t_ref = (statistics.median(t) for t in times)
+    t_ours, t_ref = (statistics.median(t) / per for t in times)
     print(f"{name:<22} {t_ours * 1e3:>10.1f} {t_ref * 1e3:>10.1f} {t_ours / t_ref:>7.2f} {mem[0] / 2**20:>10.0f} {mem[1] / 2**20:>10.0f}",
           flush=True)
+    return t_ours, t_ref
 
 
 def main():
@@ -99,9 +106,12 @@ def main():
     p.add_argument("--train", action="store_true", help="also time one C-LoRA training step against diffusers + peft")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ref-channels-last", action="store_true", help="give the references our NHWC layout too")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense peak in --dtype (H100 SXM bf16: 989): prints MFU")
+    p.add_argument("--compile", action="store_true", help="our UNet through sample.compile_unet (Triton-free) for the UNet, DDIM and train rows")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     diffusers.utils.logging.set_verbosity_error()  # its note on casting with .to() concerns from_pretrained only
+    transformers.utils.logging.set_verbosity_error()  # the pipeline's import warns about image processors it will not use
     cfgs = (TextConfig(), UNetConfig(), VAEConfig()) if args.size == "full" else (TINY_TEXT, TINY_UNET, TINY_VAE)
     torch.manual_seed(0)
     text, unet, vae = (random_model(cls, cfg, i) for i, (cls, cfg) in enumerate(zip((TextEncoder, UNet, VAE), cfgs)))
@@ -110,6 +120,7 @@ def main():
     del sd
     ref_layout = torch.channels_last if args.ref_channels_last else torch.contiguous_format
     text, unet, vae = (prepare(m, device, dtype) for m in models[:3])  # exactly as sample.py loads them
+    run_unet = compile_unet(unet, device) if args.compile else unet
     ref_text, ref_unet, ref_vae = (m.to(device, dtype, memory_format=ref_layout).eval().requires_grad_(False) for m in models[3:])
 
     b, h = args.batch, args.res // cfgs[2].downsample
@@ -124,14 +135,25 @@ def main():
     print(f"{'component':<22} {'ours ms':>10} {'ref ms':>10} {'ratio':>7} {'ours MiB':>10} {'ref MiB':>10}")
     with torch.inference_mode():
         compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state, device, args.repeats)
-        compare("unet forward", lambda: unet(latents, t, ctx), lambda: ref_unet(latents, t, ctx).sample, device, args.repeats)
+        t_unet, _ = compare("unet forward", lambda: run_unet(latents, t, ctx), lambda: ref_unet(latents, t, ctx).sample, device, args.repeats)
+        with FlopCounterMode(display=False) as counter:  # counted, not estimated: every matmul / conv / SDPA
+            unet(latents, t, ctx)
+        tflops = counter.get_total_flops() / t_unet / 1e12
+        print(f"# unet forward: {counter.get_total_flops() / 1e9:.1f} GFLOP per call, ours {tflops:.3f} TFLOP/s"
+              + (f", MFU {100 * tflops / args.peak_tflops:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else ""))
         compare("vae decode", lambda: vae.decode(latents), lambda: ref_vae.decode(latents).sample, device, args.repeats)
+        # One denoising step of a 10-step DDIM + CFG (7.5) call, as sample.py runs it (K/V of the text
+        # cached once per call) and as diffusers' StableDiffusionPipeline runs it.
+        pipe, size, steps = diffusers_pipeline(ref_unet, ref_vae), args.res, 10
+        compare("ddim+cfg step", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5),
+                lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=ctx, latents=latents, num_inference_steps=steps,
+                             guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
     if args.train:
-        ours_step, ref_step = train_steps(text, unet, ref_unet, latents, ctx, args.rank)
+        ours_step, ref_step = train_steps(text, run_unet, unet, ref_unet, latents, ctx, args.rank)
         compare(f"train step r{args.rank}", ours_step, ref_step, device, args.repeats)
 
 
-def train_steps(text, unet, ref_unet, latents, ctx, rank):
+def train_steps(text, run_unet, unet, ref_unet, latents, ctx, rank):
     """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty for ours), backward, AdamW."""
     from peft import LoraConfig
 
@@ -164,7 +186,7 @@ def train_steps(text, unet, ref_unet, latents, ctx, rank):
             opt.step()
         return run
 
-    return step(unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
+    return step(run_unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,23 @@ class KVDelta(nn.Module):
         return y
 
 
+class HadamardPenalty(torch.autograd.Function):
+    """|| |P| * (A B) ||_F^2 = sum(P^2 * (A B)^2), with gradient G = 2 P^2 * (A B):  dA = G B^T,  dB = A^T G.
+    Written out so that backward saves nothing of size (out, in): plain autograd would keep A B,
+    |P| and their product per layer (3 x 77 MB at SD 1.x size); here A B is recomputed from the factors."""
+
+    @staticmethod
+    def forward(ctx, A, B, P):
+        ctx.save_for_backward(A, B, P)
+        return (P * (A @ B)).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, B, P = ctx.saved_tensors
+        G = (2 * grad) * P.square() * (A @ B)  # (out, in), freed on return
+        return G @ B.T, A.T @ G, None
+
+
 class ConceptEmbedding(nn.Module):
     """Token embedding with extra rows after the base vocabulary: `past` (earlier concepts, frozen)
     then `new` (the current concept, trained). The base table is the original Parameter, untouched."""
@@ -223,10 +240,10 @@ class CLoRA(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and p.numel()]
 
     def penalty(self):
-        """sum over layers of || |past| * delta ||_F^2; zero at task 1 (past = 0) and for methods without it."""
+        """sum over layers of || |past| * A B ||_F^2; zero at task 1 (past = 0) and for methods without it."""
         if not self.penalized:
             return torch.zeros(())
-        return sum((layer.past.abs() * layer.delta()).square().sum() for layer in self.kv.values())
+        return sum(HadamardPenalty.apply(layer.A, layer.B, layer.past) for layer in self.kv.values())
 
 
 def task_file(run_dir, task):

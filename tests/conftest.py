@@ -107,6 +107,19 @@ def diffusers_vae(cfg, sd):
     return ref.eval()
 
 
+def diffusers_pipeline(unet, vae):
+    """diffusers' StableDiffusionPipeline around reference models, with SD 1.5's DDIM settings;
+    called with prompt embeddings (it has no text encoder here)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def transformers_clip(cfg, sd):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clip_text import Tokenizer
-from clora import CLoRA, TARGETS
+from clora import TARGETS, CLoRA, HadamardPenalty
 from conftest import tiny_models
 
 
@@ -59,6 +59,18 @@ def test_penalty_equals_an_explicit_computation_and_is_zero_at_task_1():
     lora.load_task("<a>", past1)
     lora.start_task("<c>")
     assert lora.penalty().item() == 0.0  # lambda = 0 baseline
+
+
+def test_penalty_gradient_equals_autograd_of_the_formula():
+    g = torch.Generator().manual_seed(0)
+    A, B, P = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 3), (3, 5), (6, 5)))
+    A.requires_grad_(True), B.requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, b: HadamardPenalty.apply(a, b, P), (A, B))
+    (P.abs() * (A @ B)).square().sum().backward()  # the formula, differentiated by autograd
+    dA, dB = A.grad.clone(), B.grad.clone()
+    A.grad = B.grad = None
+    (3 * HadamardPenalty.apply(A, B, P)).backward()
+    assert torch.allclose(A.grad, 3 * dA) and torch.allclose(B.grad, 3 * dB)
 
 
 def test_training_moves_only_the_current_task():

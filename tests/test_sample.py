@@ -5,21 +5,14 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, original_checkpoint, rel_err, tiny_models
+from conftest import TINY_UNET, TINY_VAE, diffusers_pipeline, diffusers_unet, diffusers_vae, original_checkpoint, rel_err, tiny_models
 
 
 @pytest.mark.parametrize("steps, cfg", [(10, 7.5), (50, 3.0)])
 def test_ddim_cfg_matches_diffusers_pipeline(steps, cfg):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     text, unet, vae = tiny_models()
     sd = original_checkpoint(text, unet, vae)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")  # SD 1.5's settings
-    pipe = StableDiffusionPipeline(vae=diffusers_vae(TINY_VAE, sd), text_encoder=None, tokenizer=None,
-                                   unet=diffusers_unet(TINY_UNET, sd), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(diffusers_unet(TINY_UNET, sd), diffusers_vae(TINY_VAE, sd))
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(2, 77, 128, generator=g), torch.randn(2, 77, 128, generator=g)
     latents = torch.randn(2, 4, 8, 8, generator=g)
