@@ -41,12 +41,12 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 # settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
 # size of its weights and deltas, as the paper's 1e8 is to SD 1.5's.
 DEFAULTS = {
-    "sd1": dict(rank=16, lam=1e8, steps=2000, res=512, grid_steps=50, cfg=7.5,
+    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}),
-    "tiny-world": dict(rank=4, lam=1e3, steps=150, res=world.SIZE, grid_steps=20, cfg=3.0,
+    "tiny-world": dict(rank=4, lam=1e3, steps=150, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
                        lr={"clora": 2e-3, "lora": 2e-3, "ti": 2e-2, "kv": 2e-4}),
 }
-SETTINGS = ("rank", "lam", "steps", "res", "grid_steps", "cfg", "lr")
+SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr")
 WORLD_DATA = Path("data/world")
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept")  # what every task of a run must share
@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--grid-steps", type=int, help="DDIM steps of the per-task sample grid (SD 1.x: 50)")
     p.add_argument("--cfg", type=float, help="guidance scale of the sample grid (SD 1.x: 7.5)")
     p.add_argument("--tokens", type=int, default=2, help="token embeddings per concept")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, help="images per step (SD 1.x: 1)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint the task in training every N steps")
     p.add_argument("--overwrite", action="store_true", help="retrain task --task even if the run has it")
     p.add_argument("--seed", type=int, default=0)
