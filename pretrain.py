@@ -151,7 +151,7 @@ def main():
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=8e-4)
     p.add_argument("--kl", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)

@@ -152,7 +152,7 @@ def find_checkpoint(ckpt):
     if not EMBEDDED.exists():
         raise CheckpointError(f"no SD checkpoint given or in {WEIGHTS}/ and the embedded tiny model {EMBEDDED} is missing "
                               "(git checkout weights/embedded); put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt PATH")
-    print(f"no SD checkpoint given or in {WEIGHTS.name}/: using the embedded tiny model {EMBEDDED.relative_to(WEIGHTS.parent)} "
+    print(f"no SD checkpoint given or in {WEIGHTS.name}/: using the embedded tiny model {Path(*EMBEDDED.parts[-3:])} "
           "and its world of cartoon faces (put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt for the real one)")
     return EMBEDDED
 

@@ -43,8 +43,8 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}),
-    "tiny-world": dict(rank=4, lam=1e3, steps=150, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
-                       lr={"clora": 2e-3, "lora": 2e-3, "ti": 2e-2, "kv": 2e-4}),
+    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
+                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3}),
 }
 SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr")
 WORLD_DATA = Path("data/world")
