@@ -1,7 +1,7 @@
 """The forgetting experiment on the embedded world: 10 concepts learned one after another by C-LoRA
 and the paper's baselines, scored after every task (evaluate.py), on 2 seeds.
 
-    python experiment.py                                     # the README's table: 23 min on 2 CPU cores
+    python experiment.py                                     # the README's table: 22.5 min on 2 CPU cores
     python experiment.py --tasks 3 --seeds 0 --methods clora lora --out runs/exp-quick   # a quick look
     python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args "--lam 1e4" --out runs/lam1e4
 

@@ -41,12 +41,12 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 # settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
 # size of its weights and deltas, as the paper's 1e8 is to SD 1.5's.
 DEFAULTS = {
-    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
+    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, token_lr=None,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}),
-    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
+    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0, token_lr=5e-2,
                        lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3}),
 }
-SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr")
+SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr", "token_lr")
 WORLD_DATA = Path("data/world")
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept")  # what every task of a run must share
@@ -120,7 +120,9 @@ def train_task(model, adapter, word, images, args, task, run_dir):
     unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
     g = torch.Generator().manual_seed(args.seed * 1000 + task)
     adapter.start_task(word, args.tokens, seed=args.seed * 1000 + task)
-    opt = torch.optim.AdamW(adapter.trainable(), lr=args.lr, weight_decay=0.0)
+    tokens = adapter.embedding.new
+    factors = [p for p in adapter.trainable() if p is not tokens]
+    opt = torch.optim.AdamW([{"params": factors}, {"params": [tokens], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
     partial = Path(run_dir) / f"task_{task:02d}.partial.safetensors"
     start = 0
     if partial.exists():  # resume after a crash: factors, tokens, optimizer moments and the step
@@ -190,6 +192,7 @@ def main(argv=None):
     # The settings below default per model (DEFAULTS): the paper's values on SD 1.x.
     p.add_argument("--rank", type=int, help="rank of A_t B_t (SD 1.x: 16)")
     p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
+    p.add_argument("--token-lr", type=float, help="learning rate of the concept's token embeddings (SD 1.x and ti: --lr)")
     p.add_argument("--lam", type=float, help="C-LoRA's self-regularisation weight lambda (SD 1.x: 1e8)")
     p.add_argument("--steps", type=int, help="SD 1.x: 2000")
     p.add_argument("--res", type=int, help="training image size (SD 1.x: 512)")
@@ -214,9 +217,12 @@ def resolve_defaults(args, ckpt):
     """Fill the settings not given from the model's defaults; the tiny model also defaults --data."""
     name = read_metadata(ckpt).get("model", "sd1")
     defaults = DEFAULTS.get(name, DEFAULTS["sd1"])
+    token_lr_given = args.token_lr is not None
     for k in SETTINGS:
         if getattr(args, k) is None:
             setattr(args, k, defaults[k][args.method] if k == "lr" else defaults[k])
+    if args.token_lr is None or (args.method == "ti" and not token_lr_given):
+        args.token_lr = args.lr  # SD 1.x trains the tokens at --lr; ti trains nothing else, at --lr
     if args.data is None:
         if name != "tiny-world":
             raise TrainError("--data is required with an SD checkpoint: a folder with one sub-folder of images per concept")
@@ -261,7 +267,8 @@ def run(args):
         save_safetensors(adapter.task_tensors(), task_file(run_dir, task), metadata={"word": word, "task": task})
         norms = adapter.delta_norms()
         state["tasks"] = [t for t in state["tasks"] if t["task"] != task] + [
-            {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr, "lam": args.lam,
+            {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
+             "token_lr": args.token_lr, "lam": args.lam,
              "file": task_file(run_dir, task).name, "delta_norm": norms}]
         state["tasks"].sort(key=lambda t: t["task"])
         write_json(state, run_dir / "run.json")

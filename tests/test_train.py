@@ -136,3 +136,17 @@ def test_sample_from_a_run_and_unknown_concepts(tiny_ckpt, data, tmp_path):
     other.write_bytes(ckpt.read_bytes()[:-1] + bytes([ckpt.read_bytes()[-1] ^ 1]))
     with pytest.raises(SystemExit, match="is not the base checkpoint of run"):
         sample.main(["--run", str(run), "--ckpt", str(other), "--prompt", "x", *base])
+
+
+def test_token_lr_trains_the_tokens_apart_from_the_factors(tiny_ckpt, data, tmp_path):
+    ckpt, _ = tiny_ckpt
+    runs = {name: tmp_path / name for name in ("tokens_frozen", "factors_frozen", "all_frozen")}
+    train.main(args(ckpt, data, runs["tokens_frozen"], 1, "--lr", "1e-2", "--token-lr", "0"))
+    train.main(args(ckpt, data, runs["factors_frozen"], 1, "--lr", "0", "--token-lr", "1e-2"))
+    train.main(args(ckpt, data, runs["all_frozen"], 1, "--lr", "0", "--token-lr", "0"))
+    a, b, init = (read_state_dict(r / "task_01.safetensors") for r in runs.values())
+    factors_a = [v for k, v in a.items() if k.endswith(".A")]
+    assert all((v == 0).all() for k, v in b.items() if k.endswith(".A")) and any((v != 0).any() for v in factors_a)
+    assert np.array_equal(a["tokens"], init["tokens"]) and not np.allclose(b["tokens"], init["tokens"])
+    task = json.loads((runs["factors_frozen"] / "run.json").read_text())["tasks"][0]
+    assert (task["lr"], task["token_lr"]) == (0.0, 1e-2)
