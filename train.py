@@ -41,11 +41,13 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 # settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
 # size of its weights and deltas, as the paper's 1e8 is to SD 1.5's.
 DEFAULTS = {
-    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, token_lr=None,
-                lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}),
-    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0, token_lr=5e-2,
-                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3}),
+    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
+                lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}, token_lr=dict.fromkeys(METHODS)),
+    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
+                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3},
+                       token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2}),
 }
+PER_METHOD = ("lr", "token_lr")  # settings given per method; a token_lr of None means: the tokens train at lr
 SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr", "token_lr")
 WORLD_DATA = Path("data/world")
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -217,12 +219,11 @@ def resolve_defaults(args, ckpt):
     """Fill the settings not given from the model's defaults; the tiny model also defaults --data."""
     name = read_metadata(ckpt).get("model", "sd1")
     defaults = DEFAULTS.get(name, DEFAULTS["sd1"])
-    token_lr_given = args.token_lr is not None
     for k in SETTINGS:
         if getattr(args, k) is None:
-            setattr(args, k, defaults[k][args.method] if k == "lr" else defaults[k])
-    if args.token_lr is None or (args.method == "ti" and not token_lr_given):
-        args.token_lr = args.lr  # SD 1.x trains the tokens at --lr; ti trains nothing else, at --lr
+            setattr(args, k, defaults[k][args.method] if k in PER_METHOD else defaults[k])
+    if args.token_lr is None:
+        args.token_lr = args.lr
     if args.data is None:
         if name != "tiny-world":
             raise TrainError("--data is required with an SD checkpoint: a folder with one sub-folder of images per concept")
