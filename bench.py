@@ -110,7 +110,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="our UNet through sample.compile_unet (Triton-free) for the UNet, DDIM and train rows")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    diffusers.utils.logging.set_verbosity_error()  # its note on casting with .to() concerns from_pretrained only
+    diffusers.utils.logging.set_verbosity_error()  # its note on casting with .to() concerns loading from a hub folder, not used here
     transformers.utils.logging.set_verbosity_error()  # the pipeline's import warns about image processors it will not use
     cfgs = (TextConfig(), UNetConfig(), VAEConfig()) if args.size == "full" else (TINY_TEXT, TINY_UNET, TINY_VAE)
     torch.manual_seed(0)

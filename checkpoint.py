@@ -60,7 +60,7 @@ def _read_safetensors(path):
         dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         if 8 + n + end > size:
             raise CheckpointError(f"{path}: truncated ({size} bytes, tensor {name} ends at {8 + n + end}); "
-                                  "download or copy the file again")
+                                  "replace it with a complete copy")
         if end == begin:
             sd[name] = torch.empty(shape, dtype=dtype)
         else:

@@ -228,8 +228,9 @@ class CLoRA(nn.Module):
                 plain.weight = nn.Parameter(w, requires_grad=False)
                 self._replace(self.unet[0], name.replace("/", "."), plain)
             table = torch.cat([self.embedding.weight, self.embedding.rows().to(self.embedding.weight.dtype)])
-            self._replace(self.text_encoder[0], "text_model.embeddings.token_embedding",
-                          nn.Embedding.from_pretrained(table, freeze=True))
+            plain = nn.Embedding(*table.shape, device="meta")
+            plain.weight = nn.Parameter(table, requires_grad=False)
+            self._replace(self.text_encoder[0], "text_model.embeddings.token_embedding", plain)
 
     def detach(self):
         """Put the original modules back: the base model exactly as it was loaded."""
