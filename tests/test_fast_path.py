@@ -1,0 +1,96 @@
+"""The --compile path without a GPU: what the cudagraphs back end needs, checked on the CPU.
+
+torch.compile(backend="cudagraphs") is AOTAutograd (one forward and one backward graph) with each graph
+recorded as a CUDA graph. It records a graph only when every tensor in it lives on the one CUDA device
+and every op can be captured; otherwise it logs a line and runs the graph unrecorded, i.e. no faster.
+A graph break splits the step into several graphs. These tests check all three for the C-LoRA train step
+and the sampling step, so that the CUDA path is right by construction until a GPU is lent.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
+from torch._inductor.utils import get_first_incompatible_cudagraph_node
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from clip_text import Tokenizer
+from clora import CLoRA
+from conftest import tiny_models
+from sample import compile_unet
+from test_clora import known_task
+
+
+def adapter_at_task_2(seed=0):
+    """Tiny text encoder and UNet with a C-LoRA adapter: one finished task frozen, a second one training."""
+    text, unet, _ = tiny_models(seed)
+    adapter = CLoRA(unet, text, Tokenizer(), "clora", 4)
+    adapter.load_task("<a>", known_task(adapter, 1))
+    adapter.start_task("<b>")
+    with torch.no_grad():
+        for layer in adapter.kv.values():
+            layer.A.normal_(std=0.1)  # A = 0 at the start would zero every gradient of B
+    return text, unet, adapter
+
+
+def train_step(text, unet, adapter, ids, x, t, noise):
+    """train.py's step, returning the loss and the gradients of everything that trains."""
+    loss = F.mse_loss(unet(x, t, text(ids)), noise) + 1e3 * adapter.penalty()
+    params = adapter.trainable()
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def inputs(adapter, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    ids = adapter.tokenizer(["a photo of <a> <b>", "<b> on a beach"]).to(device)
+    x, noise = (torch.randn(2, 4, 8, 8, generator=g).to(device) for _ in range(2))
+    return ids, x, torch.tensor([10, 900], device=device), noise
+
+
+def test_train_step_is_two_whole_graphs_and_equals_eager():
+    """What the cudagraphs back end records (its front half, AOTAutograd, run here without the recording)
+    and what train.py --compile runs on the CPU (inductor's C++ back end) give eager's loss and gradients,
+    and the UNet's step is captured as exactly one forward and one backward graph: no graph breaks."""
+    text, unet, adapter = adapter_at_task_2()
+    args = inputs(adapter)
+    loss, grads = train_step(text, unet, adapter, *args)
+    graphs = []
+
+    def keep(gm, example_inputs):  # a compiler that records the graph and runs it as it is
+        graphs.append(gm)
+        return gm.forward
+
+    aot = torch.compile(unet, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True, dynamic=False)
+    for compiled in (aot, compile_unet(unet, "cpu")):
+        c_loss, c_grads = train_step(text, compiled, adapter, *args)
+        assert torch.allclose(c_loss, loss, rtol=1e-5)
+        for a, b in zip(c_grads, grads, strict=True):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert len(graphs) == 2  # the forward and the backward of the whole UNet
+    assert all(get_first_incompatible_cudagraph_node(gm) is None for gm in graphs)
+
+
+def device_of_every_tensor(fn, *args):
+    """The set of devices of every tensor a traced call of fn creates or uses."""
+    gm = make_fx(fn)(*args)
+    return {n.meta["val"].device for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}, gm
+
+
+@pytest.mark.parametrize("what", ["train step", "sampling step"])
+def test_no_tensor_leaves_the_inputs_device(what):
+    """On CUDA a single tensor made on the host (a torch.arange without device=, a CPU scalar) makes the
+    cudagraphs back end skip the recording. Traced on the meta device, a stand-in for CUDA that runs no
+    kernels, every tensor of the train step (text encoder, UNet, penalty, backward) and of a sampling step
+    with the cached text K/V must stay on meta, and every op must be one CUDA graphs can capture."""
+    text, unet, adapter = adapter_at_task_2()
+    for m in (text, unet, adapter):
+        m.to("meta")
+    ids, x, t, noise = inputs(adapter, "meta")
+    if what == "train step":
+        devices, gm = device_of_every_tensor(lambda *a: train_step(text, unet, adapter, *a), ids, x, t, noise)
+    else:
+        with torch.no_grad():
+            devices, gm = device_of_every_tensor(lambda ids, x, t: unet(x, t, unet.cache_context(text(ids))), ids, x, t)
+    assert devices == {torch.device("meta")}
+    assert get_first_incompatible_cudagraph_node(gm) is None
+    # The check sees what it is meant to: a host scalar, which CUDA ops accept silently, is caught.
+    assert torch.device("cpu") in device_of_every_tensor(lambda x: x * torch.ones(()), x)[0]
