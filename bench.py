@@ -2,12 +2,13 @@
 
     python bench.py                      # full SD 1.x size on CPU, 512x512 (64x64 latents), batch 1
     python bench.py --size tiny --res 64
-    python bench.py --device cuda --dtype bf16 --repeats 20 --compile --peak-tflops 989 --train
+    python bench.py --device cuda --dtype bf16 --repeats 20 --compile --peak-tflops 989 --steps 50 --train 1 8
 
 Components: text encoder, UNet forward (with its counted FLOPs; MFU given --peak-tflops), VAE decode,
-one step of DDIM + classifier-free guidance as sample.py and diffusers' pipeline run it, and, with
---train, one C-LoRA training step (at task 2: a frozen past task, penalty on; rank 16 on
-every attn2.to_k / to_v) against diffusers + peft LoRA on the same layers (no penalty: peft has none).
+one step of a --steps DDIM + classifier-free guidance call as sample.py and diffusers' pipeline run
+it (and its rate in it/s), and, with --train, one C-LoRA training step per batch size given (at task 2:
+a frozen past task, penalty on; rank 16 on every attn2.to_k / to_v) against diffusers + peft LoRA on
+the same layers (no penalty: peft has none).
 --compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton).
 
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
@@ -103,7 +104,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--train", action="store_true", help="also time one C-LoRA training step against diffusers + peft")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the ddim+cfg row (the GPU target is quoted for 50)")
+    p.add_argument("--train", type=int, nargs="*", metavar="BATCH",
+                   help="also time one C-LoRA training step against diffusers + peft, at these batch sizes (none given: --batch)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ref-channels-last", action="store_true", help="give the references our NHWC layout too")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak in --dtype (H100 SXM bf16: 989): prints MFU")
@@ -136,26 +139,38 @@ def main():
     with torch.inference_mode():
         compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state, device, args.repeats)
         t_unet, _ = compare("unet forward", lambda: run_unet(latents, t, ctx), lambda: ref_unet(latents, t, ctx).sample, device, args.repeats)
-        with FlopCounterMode(display=False) as counter:  # counted, not estimated: every matmul / conv / SDPA
-            unet(latents, t, ctx)
-        tflops = counter.get_total_flops() / t_unet / 1e12
-        print(f"# unet forward: {counter.get_total_flops() / 1e9:.1f} GFLOP per call, ours {tflops:.3f} TFLOP/s"
-              + (f", MFU {100 * tflops / args.peak_tflops:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else ""))
+        throughput("unet forward", lambda: unet(latents, t, ctx), t_unet, args.peak_tflops)
         compare("vae decode", lambda: vae.decode(latents), lambda: ref_vae.decode(latents).sample, device, args.repeats)
-        # One denoising step of a 4-step DDIM + CFG (7.5) call, as sample.py runs it (the text's K/V
-        # cached once per call: over 4 steps, not 50, so ours is if anything understated) and as
-        # diffusers' StableDiffusionPipeline runs it.
-        pipe, size, steps = diffusers_pipeline(ref_unet, ref_vae), args.res, 4
-        compare("ddim+cfg step", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5),
-                lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=ctx, latents=latents, num_inference_steps=steps,
-                             guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
-    if args.train:
-        ours_step, ref_step = train_steps(text, run_unet, unet, ref_unet, latents, ctx, args.rank)
-        compare(f"train step r{args.rank}", ours_step, ref_step, device, args.repeats)
+        # One denoising step of a --steps DDIM + CFG (7.5) call, as sample.py runs it (the text's K/V
+        # cached once per call: the fewer the steps, the less that saves) and as diffusers'
+        # StableDiffusionPipeline runs it.
+        pipe, size, steps = diffusers_pipeline(ref_unet, ref_vae), args.res, args.steps
+        rates = compare("ddim+cfg step", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5),
+                        lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=ctx, latents=latents, num_inference_steps=steps,
+                                     guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
+        print(f"# ddim+cfg, {steps} steps: ours {1 / rates[0]:.2f} it/s, ref {1 / rates[1]:.2f} it/s (whole calls, text K/V caching included)")
+    if args.train is not None:
+        adapter = add_adapters(text, unet, ref_unet, args.rank)
+        for b in args.train or [args.batch]:
+            batch = latents[:1].expand(b, -1, -1, -1).clone(), ctx[:1].expand(b, -1, -1).clone()
+            ours_step, ref_step = train_steps(adapter, run_unet, ref_unet, *batch)
+            t_step, _ = compare(f"train step r{args.rank} b{b}", ours_step, ref_step, device, args.repeats)
+            throughput(f"train step b{b}", train_steps(adapter, unet, ref_unet, *batch)[0], t_step, args.peak_tflops)
 
 
-def train_steps(text, run_unet, unet, ref_unet, latents, ctx, rank):
-    """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty for ours), backward, AdamW."""
+def throughput(name, fn, seconds, peak_tflops):
+    """Prints the FLOPs of one call of fn (counted by torch's FlopCounterMode, not estimated: every
+    matmul, convolution and SDPA, backward included) and the rate `seconds` per call gives."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    tflops = counter.get_total_flops() / seconds / 1e12
+    print(f"# {name}: {counter.get_total_flops() / 1e9:.1f} GFLOP per call, ours {tflops:.3f} TFLOP/s"
+          + (f", MFU {100 * tflops / peak_tflops:.1f}% of {peak_tflops:g}" if peak_tflops else ""), flush=True)
+
+
+def add_adapters(text, unet, ref_unet, rank):
+    """Ours at task 2 (task 1's factors frozen, so that the penalty is really computed) and peft's LoRA
+    on the same layers of the reference. Returns our adapter."""
     from peft import LoraConfig
 
     from clip_text import Tokenizer
@@ -164,15 +179,19 @@ def train_steps(text, run_unet, unet, ref_unet, latents, ctx, rank):
     adapter = CLoRA(unet, text, Tokenizer(), "clora", rank)
     g = torch.Generator().manual_seed(0)
     past = {"tokens": torch.randn(2, text.cfg.width, generator=g)}
-    for name, layer in adapter.kv.items():  # a finished task 1, so that the penalty is really computed
+    for name, layer in adapter.kv.items():
         past[name.replace("/", ".") + ".A"] = 1e-3 * torch.randn(layer.weight.shape[0], rank, generator=g)
         past[name.replace("/", ".") + ".B"] = 1e-3 * torch.randn(rank, layer.weight.shape[1], generator=g)
     adapter.load_task("<past>", past)
     adapter.start_task("<new>")
     ref_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=["attn2.to_k", "attn2.to_v"]))
-    ref_params = [p for p in ref_unet.parameters() if p.requires_grad]
-    assert len(ref_params) == 2 * len(adapter.kv)  # the same layers, A and B each
+    assert sum(p.requires_grad for p in ref_unet.parameters()) == 2 * len(adapter.kv)  # the same layers, A and B each
+    return adapter
+
+
+def train_steps(adapter, run_unet, ref_unet, latents, ctx):
+    """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty for ours), backward, AdamW."""
     t = torch.full((len(latents),), 500, device=latents.device)
     noise = torch.randn_like(latents)
 
@@ -187,8 +206,8 @@ def train_steps(text, run_unet, unet, ref_unet, latents, ctx, rank):
             opt.step()
         return run
 
+    ref_params = [p for p in ref_unet.parameters() if p.requires_grad]
     return step(run_unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@ and every op can be captured; otherwise it logs a line and runs the graph unreco
 A graph break splits the step into several graphs. These tests check all three for the C-LoRA train step
 and the sampling step, so that the CUDA path is right by construction until a GPU is lent.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from clip_text import Tokenizer
 from clora import CLoRA
 from conftest import tiny_models
-from sample import compile_unet
+from sample import compile_unet, ddim_sample
 from test_clora import known_task
 
 
@@ -94,3 +98,46 @@ def test_no_tensor_leaves_the_inputs_device(what):
     assert get_first_incompatible_cudagraph_node(gm) is None
     # The check sees what it is meant to: a host scalar, which CUDA ops accept silently, is caught.
     assert torch.device("cpu") in device_of_every_tensor(lambda x: x * torch.ones(()), x)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a lent GPU (BENCHMARKS.md, GPU)")
+def test_cuda_graphs_record_the_train_and_sampling_steps_and_equal_eager(monkeypatch):
+    """On a GPU: --compile's cudagraphs back end records (a skip is an error here) the C-LoRA train step
+    and the sampling step, and replaying them gives eager's loss, gradients and latents. Run with Triton
+    hidden (`sys.modules["triton"] = None`, as BENCHMARKS.md's GPU command does) it also shows the path needs none."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
+    counters.clear()
+    text, unet, adapter = adapter_at_task_2()
+    for m in (text, unet, adapter):
+        m.to("cuda", memory_format=torch.channels_last)
+    args = inputs(adapter, "cuda")
+    compiled = compile_unet(unet, "cuda")
+    for _ in range(3):  # CUDA graph trees: warm-up, record, replay
+        loss, grads = train_step(text, unet, adapter, *args)
+        c_loss, c_grads = train_step(text, compiled, adapter, *args)
+        assert torch.allclose(c_loss, loss, rtol=1e-4)
+        for a, b in zip(c_grads, grads, strict=True):
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+    with torch.no_grad():
+        ids, x, _, _ = args
+        cond, uncond = text(ids), text(torch.zeros_like(ids))
+        eager = ddim_sample(unet, cond, uncond, x, steps=4)
+        for _ in range(2):  # the second call replays what the first recorded
+            latents = ddim_sample(compiled, cond, uncond, x, steps=4)
+            assert (latents - eager).abs().max() <= 1e-3 * eager.abs().max()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0  # something was recorded
+
+
+def test_bench_prints_every_row():
+    """bench.py (the figures in BENCHMARKS.md) runs end to end on the tiny models: a GPU session's few
+    minutes must not be spent on a broken script."""
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--res", "32", "--repeats", "1", "--train", "1", "2"],
+                         cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line and not line.startswith("#")]
+    assert rows == ["component ours", "text encoder", "unet forward", "vae decode", "ddim+cfg step",
+                    "train step", "train step"], out
+    assert out.count("TFLOP/s") == 3 and "it/s" in out
