@@ -29,7 +29,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
 from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, diffusers_pipeline, diffusers_unet, diffusers_vae,  # noqa: E402
@@ -135,6 +135,9 @@ def main():
     print(f"# {args.size} size, reference layout {'NHWC' if args.ref_channels_last else 'NCHW (default)'}, {args.res}x{args.res}, batch {b}, {args.dtype}, {device}"
           f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else f' ({torch.get_num_threads()} threads, {cpu})'}, "
           f"torch {torch.__version__}, median of {args.repeats}")
+    n = 8192 if device.type == "cuda" else 2048
+    print(f"# a plain {n}^3 matrix product in {args.dtype}: {matmul_tflops(n, device, dtype):.3f} TFLOP/s (what this machine's "
+          "GEMMs reach: the rates below compare to it)")
     print(f"{'component':<22} {'ours ms':>10} {'ref ms':>10} {'ratio':>7} {'ours MiB':>10} {'ref MiB':>10}")
     with torch.inference_mode():
         compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state, device, args.repeats)
@@ -156,12 +159,30 @@ def main():
             ours_step, ref_step = train_steps(adapter, run_unet, ref_unet, *batch)
             t_step, _ = compare(f"train step r{args.rank} b{b}", ours_step, ref_step, device, args.repeats)
             throughput(f"train step b{b}", train_steps(adapter, unet, ref_unet, *batch)[0], t_step, args.peak_tflops)
+    if args.compile and device.type == "cuda":
+        from torch._dynamo.utils import counters
+        print(f"# cudagraphs: {counters['inductor']['cudagraph_skips']} graphs ran unrecorded (0: every compiled graph replays as a CUDA graph)")
+
+
+def matmul_tflops(n, device, dtype):
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, device) for _ in range(5)) / 1e12
 
 
 def throughput(name, fn, seconds, peak_tflops):
     """Prints the FLOPs of one call of fn (counted by torch's FlopCounterMode, not estimated: every
     matmul, convolution and SDPA, backward included) and the rate `seconds` per call gives."""
-    with FlopCounterMode(display=False) as counter:
+    def cpu_sdpa(q, k, v, *args, **kwargs):  # arguments as tensor shapes
+        return sdpa_flop_count(q, k, v)
+
+    def cpu_sdpa_backward(grad, q, k, v, *args, **kwargs):
+        return sdpa_backward_flop_count(grad, q, k, v)
+
+    aten = torch.ops.aten  # torch has formulas for the GPU attention kernels only: the CPU's flash kernel, too
+    cpu = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}
+    with FlopCounterMode(display=False, custom_mapping=cpu) as counter:
         fn()
     tflops = counter.get_total_flops() / seconds / 1e12
     print(f"# {name}: {counter.get_total_flops() / 1e9:.1f} GFLOP per call, ours {tflops:.3f} TFLOP/s"

@@ -46,8 +46,9 @@ def alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
 
 def prepare(model, device, dtype):
     """Frozen, in eval mode, on `device` in `dtype`, conv weights in NHWC (channels_last): the layout
-    the models convert their inputs to. cuDNN's fast path for bf16/fp16 on GPU; on CPU (2026-11-28,
-    512x512) the VAE decode runs ~10% faster than in NCHW and the UNet about even."""
+    the models convert their inputs to. cuDNN's fast path for bf16/fp16 on GPU; on CPU (2026-11-28) the
+    VAE decode at 512x512 runs ~10% faster than in NCHW, the UNet forward about even, and the full-size
+    train step at 256x256 ~3% slower (BENCHMARKS.md)."""
     return model.to(device, dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
