@@ -230,5 +230,6 @@ def train_steps(adapter, run_unet, ref_unet, latents, ctx):
     ref_params = [p for p in ref_unet.parameters() if p.requires_grad]
     return step(run_unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
 
+
 if __name__ == "__main__":
     main()
