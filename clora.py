@@ -21,6 +21,28 @@ The same class runs the paper's baselines by changing what trains and the penalt
     loss = mse + lam * adapter.penalty()
     adapter.task_tensors()                      # what a task file stores
     adapter.fold()                              # plain nn.Linear / nn.Embedding again, for sampling
+
+STAMINA (Smith et al., "Continual Diffusion with STAMINA: STack-And-Mask INcremental Adapters", CVPR-W
+2024), `method="stamina"`: the same K/V targets, stacking and folding, with each task's delta gated by
+a learned hard mask and the concept's tokens produced by an MLP. Only the paper's abstract was
+available, so this is a RECONSTRUCTION; every choice marked (R) is ours, not the paper's:
+
+    W_t   = W_init + sum_{t'<t} H_t' * (A_t' B_t') + M_t * (A_t B_t)        * element-wise
+    L_t   = U_t tanh(V_t) + b_t 1^T            U: (out, m), V: (m, in), b: (out,), m = MASK_HIDDEN   (R)
+    M_t   = sigmoid(s L_t), s = 1/S_MAX -> S_MAX linearly over the task's steps  (`sigmoid-anneal`,
+            the hard attention to the task of Serra et al. 2018)                                     (R)
+       or   1[L_t > 0] forward, the gradient of sigmoid(L_t) backward  (`ste`, straight-through)     (R)
+    H_t   = 1[L_t > 0]: the binary mask every finished task folds with, stored as bits              (R)
+    loss  = || eps - eps_theta ||^2 + rho * mean over all masked entries of sigmoid(s L_t)          (R)
+    e_t   = z_t + W2 gelu(W1 z_t)   the concept's n token rows; z_t: (n, width), W2 = 0 at init,
+            folded into plain embedding rows when the task ends ("customized MLP tokens")            (R)
+
+"Low-rank MLP" (R): column j of L is a two-layer MLP of hidden width m over the one-hot index of
+input j (first layer V, tanh, second layer U, bias b), so rank(L) <= m + 1 and the mask costs
+(out + in) m + out parameters instead of out x in. The mask starts open (b = 1): a task first learns
+as LoRA and the sparsity term closes the entries it does not need (R). Earlier masks do not steer
+where later tasks write and C-LoRA's penalty is off (R; both open to measurement). Ablations:
+`mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (plain token rows).
 """
 import json
 import re
@@ -39,7 +61,21 @@ METHODS = {
     "lora": ("lowrank", False),  # sequential LoRA: same stacking, lambda = 0
     "ti": (None, False),  # textual inversion: the tokens alone
     "kv": ("full", False),  # Custom Diffusion: full-rank K/V deltas
+    "stamina": ("lowrank", False),  # STAMINA (reconstructed, see above): low-rank deltas gated by masks, MLP tokens
 }
+HARDENING = ("sigmoid-anneal", "ste")
+MASK_HIDDEN = 8  # m, the mask MLP's hidden width (R)
+S_MAX = 400.0  # the final sigmoid slope, HAT's value (R)
+BITS = 2 ** torch.arange(7, -1, -1, dtype=torch.uint8)  # a stored mask packs 8 entries per byte, first entry highest
+
+
+def pack_bits(mask):
+    """(out, in) bool -> (out * in / 8,) uint8: a binary mask at one bit per entry (in is a multiple of 8 in SD)."""
+    return (mask.reshape(-1, 8).to(torch.uint8) * BITS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits, shape):
+    return (bits[:, None] & BITS).ne(0).reshape(shape)
 
 
 class KVDelta(nn.Module):
@@ -52,12 +88,15 @@ class KVDelta(nn.Module):
         assert base.bias is None, "SD 1.x K/V projections have no bias"
         self.weight = base.weight.requires_grad_(False)
         self.register_buffer("past", torch.zeros_like(self.weight, dtype=torch.float32), persistent=False)
-        self.A = self.B = self.D = None
+        self.A = self.B = self.D = self.mask = None
 
-    def start(self, kind, rank, generator):
+    def start(self, kind, rank, generator, hardening=None):
+        """A fresh delta of `kind`; with `hardening` (STAMINA), gated by a fresh Mask."""
         out, inp = self.weight.shape
         dev = self.weight.device
-        self.A = self.B = self.D = None
+        self.A = self.B = self.D = self.mask = None
+        if hardening:
+            self.mask = Mask(out, inp, hardening, generator, dev)
         if kind == "lowrank":
             # A = 0, B random: the delta starts at exactly zero (LoRA's init).
             self.A = nn.Parameter(torch.zeros(out, rank, device=dev))
@@ -65,20 +104,77 @@ class KVDelta(nn.Module):
         elif kind == "full":
             self.D = nn.Parameter(torch.zeros(out, inp, device=dev))
 
+    def hard_mask(self):
+        """The binary mask the current task folds with: 1[L > 0], all ones without a Mask."""
+        if self.mask is None:
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        return self.mask.logits() > 0
+
     def delta(self):
-        """The current task's delta (out, in), or None when this method trains no weights."""
+        """The current task's delta (out, in) as it folds (masked by the hard mask), or None when this
+        method trains no weights."""
+        if self.mask is not None:
+            return self.hard_mask() * (self.A @ self.B)
         if self.A is not None:
             return self.A @ self.B
         return self.D
 
     def forward(self, x):
         y = F.linear(x, self.weight + self.past.to(self.weight.dtype))  # both frozen: nothing saved for backward
+        if self.mask is not None:  # a masked delta is an (out, in) matrix whichever way it is computed
+            m = self.mask
+            d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste) if m.relaxed else self.delta()
+            return y + F.linear(x, d.to(x.dtype))
         # The current task's term through its factors, x B^T A^T: never an (out, in) matrix in the graph.
         if self.A is not None:
             return y + F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype))
         if self.D is not None:
             return y + F.linear(x, self.D.to(x.dtype))
         return y
+
+
+class Mask(nn.Module):
+    """STAMINA's mask over the (out, in) entries of one projection's delta (R, see the module docstring):
+    logits L = U tanh(V) + b 1^T. `relaxed` (set by CLoRA.set_slope while training) selects the training
+    form at slope `s`; otherwise the layer uses the hard mask, the one that folds."""
+
+    def __init__(self, out, inp, hardening, generator, device):
+        super().__init__()
+        m = MASK_HIDDEN
+        self.U = nn.Parameter((torch.randn(out, m, generator=generator) / m**0.5).to(device))
+        self.V = nn.Parameter(torch.randn(m, inp, generator=generator).to(device))
+        self.b = nn.Parameter(torch.ones(out, device=device))  # L ~ 1 +- 0.6: the mask starts (nearly) open (R)
+        self.ste = hardening == "ste"
+        # A tensor, not a float: a new slope every step must not recompile a torch.compile'd UNet.
+        self.register_buffer("s", torch.ones((), device=device), persistent=False)
+        self.relaxed = False
+
+    def logits(self):
+        return self.U @ self.V.tanh() + self.b[:, None]
+
+
+class MaskedDelta(torch.autograd.Function):
+    """The masked delta in training, sigmoid(s L) * (A B) with L = U tanh(V) + b 1^T, or with `ste`
+    1[L > 0] * (A B) forward and sigmoid(s L)'s gradient backward. Written out so that backward saves
+    only the factors: plain autograd would keep A B, the mask and their product, each (out, in)
+    (3 x 77 MB over SD 1.x's K/V layers); here they are recomputed."""
+
+    @staticmethod
+    def forward(ctx, A, B, U, V, b, s, ste):
+        ctx.save_for_backward(A, B, U, V, b, s)
+        ctx.ste = ste
+        L = U @ V.tanh() + b[:, None]
+        return ((L > 0).to(A.dtype) if ste else torch.sigmoid(s * L)) * (A @ B)
+
+    @staticmethod
+    def backward(ctx, G):
+        A, B, U, V, b, s = ctx.saved_tensors
+        h = V.tanh()
+        L = U @ h + b[:, None]
+        sig = torch.sigmoid(s * L)
+        dP = G * ((L > 0).to(G.dtype) if ctx.ste else sig)  # through the product, at the forward's mask
+        dL = G * (A @ B) * (s * sig * (1 - sig))  # through the mask: d sigmoid(s L) / dL
+        return dP @ B.T, A.T @ dP, dL @ h.T, (U.T @ dL) * (1 - h * h), dL.sum(1), None, None
 
 
 class HadamardPenalty(torch.autograd.Function):
@@ -108,9 +204,32 @@ class ConceptEmbedding(nn.Module):
         width = self.weight.shape[1]
         self.register_buffer("past", torch.zeros(0, width, device=self.weight.device), persistent=False)
         self.new = nn.Parameter(torch.zeros(0, width, device=self.weight.device))
+        self.mlp = None  # STAMINA's token MLP for the current concept, whose input is then `new`
+
+    def start(self, rows, mlp_tokens, generator):
+        """The current concept's trainable rows; with `mlp_tokens`, STAMINA's customized MLP tokens (R):
+        rows = z + W2 gelu(W1 z + b1) + b2, z = `rows` trained with the MLP, W2 = b2 = 0 at init (the rows
+        start as `rows`), W1 scaled for unit pre-activations (a plain random init would be all but linear
+        at the embeddings' small scale); hidden width = the embedding width."""
+        self.new = nn.Parameter(rows)
+        self.mlp = None
+        if mlp_tokens:
+            w = rows.shape[1]
+            with torch.device("meta"):
+                mlp = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w))
+            self.mlp = mlp.to_empty(device=rows.device)
+            with torch.no_grad():
+                scale = w**0.5 * rows.std().item()
+                self.mlp[0].weight.copy_(torch.randn(w, w, generator=generator) / scale)
+                for p in (self.mlp[0].bias, self.mlp[2].weight, self.mlp[2].bias):
+                    p.zero_()
+
+    def current(self):
+        """The current concept's rows, through the token MLP where there is one."""
+        return self.new if self.mlp is None else self.new + self.mlp(self.new)
 
     def rows(self):
-        return torch.cat([self.past, self.new])
+        return torch.cat([self.past, self.current()])
 
     def forward(self, ids):
         vocab, extra = self.weight.shape[0], self.rows()
@@ -122,12 +241,20 @@ class ConceptEmbedding(nn.Module):
 
 
 class CLoRA(nn.Module):
-    def __init__(self, unet, text_encoder, tokenizer, method="clora", rank=16):
+    def __init__(self, unet, text_encoder, tokenizer, method="clora", rank=16, mask=True, mlp_tokens=True,
+                 hardening="sigmoid-anneal"):
+        """`mask`, `mlp_tokens` and `hardening` are STAMINA's ablations and apply to it alone; tasks
+        already trained load without them (their files hold the folded tokens and the binary masks)."""
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if hardening not in HARDENING:
+            raise ValueError(f"unknown hardening {hardening!r}; choose one of {', '.join(HARDENING)}")
         self.method, self.rank, self.tokenizer = method, rank, tokenizer
         self.kind, self.penalized = METHODS[method]
+        stamina = method == "stamina"
+        self.hardening = hardening if stamina and mask else None  # None: no mask
+        self.mlp_tokens = stamina and mlp_tokens
         self.words = []  # concept words, in task order
         # Swap the target modules for wrappers that hold the very same base Parameters. Names are
         # the UNet's own module names, which also key every saved factor.
@@ -168,13 +295,21 @@ class CLoRA(nn.Module):
         base = self.embedding.weight
         # Random init at the scale of the existing embeddings (the paper inits new tokens randomly).
         rows = torch.randn(n_tokens, base.shape[1], generator=g) * base.float().std().item()
-        self.embedding.new = nn.Parameter(rows.to(base.device))
+        self.embedding.start(rows.to(base.device), self.mlp_tokens, g)
         for layer in self.kv.values():
-            layer.start(self.kind, self.rank, g)
+            layer.start(self.kind, self.rank, g, self.hardening)
+
+    def set_slope(self, s):
+        """Every mask in its training form at slope s (see `slope`), or with s None in its hard form."""
+        for layer in self.kv.values():
+            if layer.mask is not None:
+                layer.mask.relaxed = s is not None
+                layer.mask.s.fill_(1.0 if s is None else s)
 
     def load_task(self, word, tensors):
         """Add a finished task (`task_tensors()` of its training) to the frozen past."""
-        keys = {f"{name.replace('/', '.')}.{k}" for name in self.kv for k in {"lowrank": "AB", "full": "D", None: ""}[self.kind]}
+        parts = {"lowrank": "AB", "full": "D", None: ""}[self.kind] + ("M" if self.method == "stamina" else "")
+        keys = {f"{name.replace('/', '.')}.{k}" for name in self.kv for k in parts}
         if set(tensors) != keys | {"tokens"}:
             raise ValueError(f"task tensors for {word} do not fit method {self.method!r} on this UNet "
                              f"({len(set(tensors) ^ (keys | {'tokens'}))} keys differ)")
@@ -183,17 +318,24 @@ class CLoRA(nn.Module):
         for name, layer in self.kv.items():
             key = name.replace("/", ".")
             if self.kind == "lowrank":
-                layer.past += (tensors[key + ".A"].float() @ tensors[key + ".B"].float()).to(layer.past.device)
+                d = tensors[key + ".A"].float() @ tensors[key + ".B"].float()
+                if self.method == "stamina":
+                    d = unpack_bits(tensors[key + ".M"], d.shape) * d
+                layer.past += d.to(layer.past.device)
             elif self.kind == "full":
                 layer.past += tensors[key + ".D"].float().to(layer.past.device)
 
     def task_tensors(self):
-        """The current task's learned tensors, keyed by UNet module name: what a task file stores."""
-        out = {"tokens": self.embedding.new.detach().float().cpu().clone()}
+        """The current task's learned tensors, keyed by UNet module name: what a task file stores. For
+        STAMINA, the folded token rows and the binary masks (all ones with the mask off) as bits, so
+        that every load folds to the same weights whatever the ablation settings."""
+        out = {"tokens": self.embedding.current().detach().float().cpu().clone()}
         for name, layer in self.kv.items():
             for k in "ABD":
                 if getattr(layer, k) is not None:
                     out[f"{name.replace('/', '.')}.{k}"] = getattr(layer, k).detach().float().cpu().clone()
+            if self.method == "stamina":
+                out[f"{name.replace('/', '.')}.M"] = pack_bits(layer.hard_mask().detach().cpu())
         return out
 
     def finish_task(self):
@@ -202,9 +344,10 @@ class CLoRA(nn.Module):
             d = layer.delta()
             if d is not None:
                 layer.past += d.detach().float()
-            layer.A = layer.B = layer.D = None
-        self.embedding.past = torch.cat([self.embedding.past, self.embedding.new.detach().float()])
+            layer.A = layer.B = layer.D = layer.mask = None
+        self.embedding.past = torch.cat([self.embedding.past, self.embedding.current().detach().float()])
         self.embedding.new = nn.Parameter(self.embedding.past[:0].clone())
+        self.embedding.mlp = None
 
     def delta_norms(self):
         """Frobenius norms of the current task's delta: all K, all V, and all together. A known
@@ -215,6 +358,11 @@ class CLoRA(nn.Module):
             if d is not None:
                 sq[name.rsplit("/", 1)[1]] += d.detach().float().square().sum().item()
         return {**{k: v**0.5 for k, v in sq.items()}, "total": (sq["to_k"] + sq["to_v"]) ** 0.5}
+
+    def mask_density(self):
+        """Fraction of the current task's K/V entries its hard masks leave open (1 without masks)."""
+        open_ = sum(layer.hard_mask().sum().item() for layer in self.kv.values())
+        return open_ / sum(layer.weight.numel() for layer in self.kv.values())
 
     def fold(self):
         """Replace the wrappers by plain nn.Linear / nn.Embedding holding W_init + every delta and the
@@ -240,11 +388,33 @@ class CLoRA(nn.Module):
     def trainable(self):
         return [p for p in self.parameters() if p.requires_grad and p.numel()]
 
+    def param_groups(self):
+        """The trainable parameters by learning rate: K/V factors, STAMINA's mask MLPs, token rows (and MLP)."""
+        masks = {id(p) for layer in self.kv.values() if layer.mask is not None for p in layer.mask.parameters()}
+        tokens = {id(p) for p in self.embedding.parameters()}
+        ps = self.trainable()
+        return {"factors": [p for p in ps if id(p) not in masks | tokens], "mask": [p for p in ps if id(p) in masks],
+                "tokens": [p for p in ps if id(p) in tokens]}
+
+    def sparsity(self):
+        """STAMINA's sparsity term: the mean of the relaxed masks sigmoid(s L) over every masked entry (R)."""
+        masks = [layer.mask for layer in self.kv.values() if layer.mask is not None]
+        return sum(torch.sigmoid(m.s * m.logits()).sum() for m in masks) / sum(m.U.shape[0] * m.V.shape[1] for m in masks)
+
     def penalty(self):
         """sum over layers of || |past| * A B ||_F^2; zero at task 1 (past = 0) and for methods without it."""
         if not self.penalized:
             return torch.zeros(())
         return sum(HadamardPenalty.apply(layer.A, layer.B, layer.past) for layer in self.kv.values())
+
+
+def slope(step, steps, hardening):
+    """The masks' slope s at training step `step` (0-based) of `steps`: for `sigmoid-anneal` linear from
+    1/S_MAX to S_MAX at the last step, as HAT anneals it over an epoch's batches (R); `ste` trains the
+    hard mask at every step and takes sigmoid(L)'s gradient (s = 1)."""
+    if hardening == "ste":
+        return 1.0
+    return 1 / S_MAX + (S_MAX - 1 / S_MAX) * step / max(steps - 1, 1)
 
 
 def task_file(run_dir, task):

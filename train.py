@@ -12,7 +12,7 @@ task N: missing earlier tasks are trained first, tasks already in the run are ke
 plus `grid_task_NN.png`: one sample of every concept learned so far.
 
 With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and the concept stream of
-`world.py` are the default, and so is `--run runs/world-<method>`: `python train.py --task 3` runs as is.
+`world.py` are the default, and so is `--run runs/world-v2-<method>`: `python train.py --task 3` runs as is.
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 """
 import argparse
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import world
 from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256
-from clora import METHODS, CLoRA, task_file
+from clora import HARDENING, METHODS, CLoRA, slope, task_file
 from sample import DTYPES, StableDiffusion, alphas_cumprod, compile_unet, ddim_sample, find_checkpoint, image_grid, save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -39,19 +39,25 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
              "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
 # Per-model defaults, keyed by the checkpoint's metadata "model" (none: SD 1.x). SD 1.x: the paper's
 # settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
-# size of its weights and deltas, as the paper's 1e8 is to SD 1.5's.
+# size of its weights and deltas, as the paper's 1e8 is to SD 1.5's. STAMINA's (only the abstract is
+# known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity and hardening are ours,
+# untested on SD 1.x, and provisional on the tiny model (docs/stamina_section.md).
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
-                lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6}, token_lr=dict.fromkeys(METHODS)),
+                lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
+                mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
     "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
-                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3},
-                       token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2}),
+                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3, "stamina": 1e-2},
+                       token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
+                       mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
 }
 PER_METHOD = ("lr", "token_lr")  # settings given per method; a token_lr of None means: the tokens train at lr
 SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr", "token_lr")
-WORLD_DATA = Path("data/world")
+STAMINA = ("mask_lr", "sparsity", "hardening")  # settings of --method stamina alone, defaulted per model too
+WORLD_DATA = Path(f"data/world-v{world.VERSION}")  # versioned: a folder of another world's images is never reused
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
-RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept")  # what every task of a run must share
+# What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity")
 
 
 class TrainError(Exception):
@@ -106,9 +112,9 @@ def open_run(run_dir, settings):
         return {**settings, "tasks": []}
     run = json.loads(path.read_text())
     for k in RUN_KEYS:
-        if run[k] != settings[k]:
+        if run.get(k) != settings.get(k):
             what = "base checkpoint" if k == "base_sha256" else k
-            raise TrainError(f"{path}: this run was made with {what} {run[k]!r}, not {settings[k]!r}; "
+            raise TrainError(f"{path}: this run was made with {what} {run.get(k)!r}, not {settings.get(k)!r}; "
                              "use the same one or start a new --run folder")
     return run
 
@@ -122,9 +128,9 @@ def train_task(model, adapter, word, images, args, task, run_dir):
     unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
     g = torch.Generator().manual_seed(args.seed * 1000 + task)
     adapter.start_task(word, args.tokens, seed=args.seed * 1000 + task)
-    tokens = adapter.embedding.new
-    factors = [p for p in adapter.trainable() if p is not tokens]
-    opt = torch.optim.AdamW([{"params": factors}, {"params": [tokens], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
+    groups = adapter.param_groups()
+    opt = torch.optim.AdamW([{"params": groups["factors"]}, {"params": groups["mask"], "lr": args.mask_lr},
+                             {"params": groups["tokens"], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
     partial = Path(run_dir) / f"task_{task:02d}.partial.safetensors"
     start = 0
     if partial.exists():  # resume after a crash: factors, tokens, optimizer moments and the step
@@ -143,6 +149,7 @@ def train_task(model, adapter, word, images, args, task, run_dir):
         mean, logvar = (t.float() for t in vae.encode(pixels))
     ac = alphas_cumprod().to(device)
     lam = args.lam if adapter.penalized else 0.0
+    rho = args.sparsity if adapter.hardening else 0.0
     bar = tqdm(range(start, args.steps), desc=f"task {task} {word}", initial=start, total=args.steps)
     for step in bar:
         idx = torch.randint(len(mean), (args.batch,), generator=g)
@@ -152,12 +159,16 @@ def train_task(model, adapter, word, images, args, task, run_dir):
         noise = torch.randn(x0.shape, generator=g).to(device)
         a = ac[t][:, None, None, None]
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if adapter.hardening:  # STAMINA's masks in their training form, at this step's slope
+            adapter.set_slope(slope(step, args.steps, adapter.hardening))
         prompts = [TEMPLATES[i].format(word) for i in torch.randint(len(TEMPLATES), (args.batch,), generator=g).tolist()]
         ctx = model.text_encoder(model.tokenizer(prompts).to(device))
         with torch.autocast("cuda", dtype=DTYPES[args.dtype], enabled=device.startswith("cuda") and args.dtype != "fp32"):
             pred = unet(noisy.to(ctx.dtype), t, ctx)
         mse = F.mse_loss(pred.float(), noise)
         loss = mse + lam * adapter.penalty() if lam else mse
+        if rho:
+            loss = loss + rho * adapter.sparsity()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -169,6 +180,7 @@ def train_task(model, adapter, word, images, args, task, run_dir):
                 state[f"param.{i:04d}"] = p
                 state.update({f"adam.{i:04d}.{k}": opt.state[p][k] for k in ADAM_STATE})
             save_safetensors(state, partial)
+    adapter.set_slope(None)  # the hard masks from here on: what is stored and folded
     return partial
 
 
@@ -191,6 +203,12 @@ def main(argv=None):
     p.add_argument("--run", help="run folder: run.json and one small file per task; default: runs/<data>-<method>")
     p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/, else the embedded tiny model")
     p.add_argument("--method", choices=METHODS, default="clora")
+    # STAMINA's settings and ablations (--method stamina only; the four below are fixed for a run).
+    p.add_argument("--no-mask", dest="mask", action="store_false", help="stamina ablation: no masks (stacked LoRA, MLP tokens)")
+    p.add_argument("--no-mlp-tokens", dest="mlp_tokens", action="store_false", help="stamina ablation: plain token rows")
+    p.add_argument("--hardening", choices=HARDENING, help="how the masks harden in training (default: sigmoid-anneal)")
+    p.add_argument("--sparsity", type=float, help="weight of the masks' sparsity term, >= 0 (SD 1.x: 1e-2)")
+    p.add_argument("--mask-lr", type=float, help="learning rate of the mask MLPs (SD 1.x: 1e-2)")
     # The settings below default per model (DEFAULTS): the paper's values on SD 1.x.
     p.add_argument("--rank", type=int, help="rank of A_t B_t (SD 1.x: 16)")
     p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
@@ -219,7 +237,7 @@ def resolve_defaults(args, ckpt):
     """Fill the settings not given from the model's defaults; the tiny model also defaults --data."""
     name = read_metadata(ckpt).get("model", "sd1")
     defaults = DEFAULTS.get(name, DEFAULTS["sd1"])
-    for k in SETTINGS:
+    for k in SETTINGS + STAMINA:
         if getattr(args, k) is None:
             setattr(args, k, defaults[k][args.method] if k in PER_METHOD else defaults[k])
     if args.token_lr is None:
@@ -232,7 +250,18 @@ def resolve_defaults(args, ckpt):
     args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
 
 
+def check_stamina(args):
+    """STAMINA's flags with another method, or a negative sparsity weight, are errors, not ignored."""
+    given = [f"--{k.replace('_', '-')}" for k in STAMINA if getattr(args, k) is not None]
+    given += [f"--no-{k.replace('_', '-')}" for k in ("mask", "mlp_tokens") if not getattr(args, k)]
+    if given and args.method != "stamina":
+        raise TrainError(f"{', '.join(given)}: settings of --method stamina, not of {args.method}")
+    if args.sparsity is not None and not args.sparsity >= 0:
+        raise TrainError(f"--sparsity {args.sparsity}: the sparsity weight must be >= 0")
+
+
 def run(args):
+    check_stamina(args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     ckpt = find_checkpoint(args.ckpt)
@@ -244,6 +273,8 @@ def run(args):
         raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
     settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
                 "tokens_per_concept": args.tokens}
+    if args.method == "stamina":
+        settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity)
     run_dir = Path(args.run)
     state = open_run(run_dir, settings)
     done = {t["task"]: t for t in state["tasks"]}
@@ -254,7 +285,8 @@ def run(args):
     # Every image of every task to train is read (and checked) before anything is trained or written.
     images = {t: load_images(stream[t - 1][1], args.res) for t in to_train}
     model = StableDiffusion.load(ckpt, args.device, torch.float32)
-    adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank)
+    adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank, args.mask, args.mlp_tokens,
+                    args.hardening)
     for task, (word, folder) in enumerate(stream[: args.task], start=1):
         if task not in to_train:
             if done[task]["word"] != word:
@@ -267,10 +299,11 @@ def run(args):
         partial = train_task(model, adapter, word, images.pop(task), args, task, run_dir)
         save_safetensors(adapter.task_tensors(), task_file(run_dir, task), metadata={"word": word, "task": task})
         norms = adapter.delta_norms()
-        state["tasks"] = [t for t in state["tasks"] if t["task"] != task] + [
-            {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
-             "token_lr": args.token_lr, "lam": args.lam,
-             "file": task_file(run_dir, task).name, "delta_norm": norms}]
+        record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
+                  "token_lr": args.token_lr, "lam": args.lam, "file": task_file(run_dir, task).name, "delta_norm": norms}
+        if args.method == "stamina":
+            record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())
+        state["tasks"] = [t for t in state["tasks"] if t["task"] != task] + [record]
         state["tasks"].sort(key=lambda t: t["task"])
         write_json(state, run_dir / "run.json")
         partial.unlink(missing_ok=True)

@@ -1,0 +1,313 @@
+"""STAMINA (`--method stamina`, reconstructed from its abstract): the masked delta and its gradient,
+hard masks and the sparsity term, MLP tokens, folding and task files, and the train.py protocol."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train
+from checkpoint import read_state_dict, save_safetensors
+from clip_text import Tokenizer
+from clora import S_MAX, CLoRA, MaskedDelta, load_run, pack_bits, slope, unpack_bits
+from conftest import rel_err, tiny_models
+
+
+def setup(**kw):
+    text, unet, _ = tiny_models()
+    return text, unet, CLoRA(unet, text, Tokenizer(), "stamina", 4, **kw)
+
+
+def randomize(adapter, seed):
+    """The current task's factors, masks and token MLP at random values, so that every part counts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim == 2 else 1.0))
+        for layer in adapter.kv.values():
+            layer.mask.b.copy_(torch.randn(layer.mask.b.shape, generator=g))  # some rows and entries closed
+
+
+def kv_weights(unet, text):
+    return {k: v.clone() for k, v in [*unet.state_dict().items(), *text.state_dict().items()] if "attn2.to_" in k or "token_emb" in k}
+
+
+def unet_out(unet, text, tokenizer, prompt="a photo of <a> and <b>"):
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])
+    return unet(x, t, text(tokenizer([prompt])))
+
+
+@torch.no_grad()
+def test_fold_equals_unfolded_and_task_files_fold_bit_identically(tmp_path):
+    text, unet, adapter = setup()
+    adapter.start_task("<a>")
+    randomize(adapter, 1)
+    save_safetensors(adapter.task_tensors(), tmp_path / "a.safetensors")
+    adapter.finish_task()
+    adapter.start_task("<b>")
+    randomize(adapter, 2)
+    save_safetensors(adapter.task_tensors(), tmp_path / "b.safetensors")
+    density = adapter.mask_density()
+    assert 0.05 < density < 0.95  # the masks really gate
+    unfolded = unet_out(unet, text, adapter.tokenizer)  # masks in their hard form: not training
+    adapter.finish_task()  # into the past as train.py does it: the sum in the order a load makes it
+    adapter.fold()
+    folded_weights = kv_weights(unet, text)
+    assert rel_err(unet_out(unet, text, adapter.tokenizer), unfolded) < 1e-5
+    adapter.detach()
+    # The files, read back into a fresh adapter (without the ablation settings: the files carry the
+    # folded tokens and the binary masks), fold to the very same bits, load after load.
+    for _ in range(2):
+        text2, unet2, fresh = setup(mask=False, mlp_tokens=False, hardening="ste")
+        for word, f in (("<a>", "a"), ("<b>", "b")):
+            fresh.load_task(word, read_state_dict(tmp_path / f"{f}.safetensors"))
+        fresh.fold()
+        again = kv_weights(unet2, text2)
+        assert folded_weights.keys() == again.keys() and all(torch.equal(folded_weights[k], again[k]) for k in again)
+    b = read_state_dict(tmp_path / "b.safetensors")
+    key = next(k for k in b if k.endswith(".M"))
+    out, inp = b[key.replace(".M", ".A")].shape[0], b[key.replace(".M", ".B")].shape[1]
+    assert b[key].dtype == torch.uint8 and b[key].numel() * 8 == out * inp  # 1 bit per entry
+
+
+def test_bits_round_trip():
+    m = torch.rand(16, 24, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(m), m.shape), m)
+    assert pack_bits(torch.tensor([True] + [False] * 6 + [True])).tolist() == [0b10000001]
+
+
+def factors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((6, 3), (3, 8), (6, 2), (2, 8), (6,))  # A, B, U, V, b
+    return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True) for s in shapes]
+
+
+def test_relaxed_mask_gradient_equals_autograd_of_its_formula():
+    A, B, U, V, b = factors()
+    s = torch.tensor(3.0, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda *x: MaskedDelta.apply(*x, s, False), (A, B, U, V, b))
+    G = torch.randn(6, 8, dtype=torch.float64)
+
+    def grads(out):
+        (out * G).sum().backward()
+        gs = [p.grad.clone() for p in (A, B, U, V, b)]
+        for p in (A, B, U, V, b):
+            p.grad = None
+        return gs
+
+    def formula(ste):  # the masked delta written plainly; ste: the step forward, sigmoid(s L)'s gradient backward
+        L = U @ V.tanh() + b[:, None]
+        relaxed = torch.sigmoid(s * L)
+        return ((L > 0).double() + relaxed - relaxed.detach() if ste else relaxed) * (A @ B)
+
+    for ste in (False, True):
+        ours = MaskedDelta.apply(A, B, U, V, b, s, ste)
+        assert torch.allclose(ours, formula(ste))
+        assert all(torch.allclose(x, y) for x, y in zip(grads(ours), grads(formula(ste))))
+
+
+def train_steps(adapter, unet, text, steps, rho=0.0, lr=1e-2):
+    opt = torch.optim.AdamW(adapter.trainable(), lr=lr)
+    ids = adapter.tokenizer(["a photo of <a>"])
+    for step in range(steps):
+        adapter.set_slope(slope(step, steps, adapter.hardening))
+        loss = unet(torch.randn(2, 4, 8, 8), torch.tensor([500, 100]), text(ids.expand(2, -1))).square().mean()
+        loss = loss + rho * adapter.sparsity()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("hardening", ["sigmoid-anneal", "ste"])
+def test_masks_are_hard_at_the_end_of_training(hardening):
+    text, unet, adapter = setup(hardening=hardening)
+    adapter.start_task("<a>")
+    steps = 5
+    assert slope(steps - 1, steps, hardening) == (S_MAX if hardening == "sigmoid-anneal" else 1.0)
+    assert slope(0, steps, "sigmoid-anneal") == 1 / S_MAX
+    train_steps(adapter, unet, text, steps)
+    for layer in adapter.kv.values():
+        m = layer.mask
+        assert m.relaxed and m.s.item() == slope(steps - 1, steps, hardening)
+        trained = MaskedDelta.apply(layer.A, layer.B, m.U, m.V, m.b, m.s, m.ste)
+        if hardening == "ste":  # the training forward is the hard mask's at every step
+            assert torch.equal(trained, layer.delta())
+        else:  # at the last step sigmoid(S_MAX L) is a step on all but the entries nearest L = 0
+            relaxed = torch.sigmoid(m.s * m.logits())
+            assert ((relaxed - layer.hard_mask().float()).abs() > 1e-3).float().mean() < 0.01
+    adapter.set_slope(None)  # as train.py leaves them: the forward is the folded model's
+    assert not any(layer.mask.relaxed for layer in adapter.kv.values())
+
+
+def test_sparsity_term_is_the_mean_relaxed_mask_and_closes_entries():
+    text, unet, adapter = setup()
+    adapter.start_task("<a>")
+    randomize(adapter, 3)
+    adapter.set_slope(2.5)
+    total, n = 0.0, 0
+    for layer in adapter.kv.values():
+        m = layer.mask
+        L = m.U.double() @ m.V.double().tanh() + m.b.double()[:, None]
+        total, n = total + torch.sigmoid(2.5 * L).sum().item(), n + L.numel()
+    assert adapter.sparsity().item() == pytest.approx(total / n, rel=1e-6)
+    densities = {}
+    for rho in (0.0, 10.0):
+        text, unet, adapter = setup()
+        adapter.start_task("<a>")
+        train_steps(adapter, unet, text, 6, rho=rho, lr=0.2)
+        densities[rho] = adapter.mask_density()
+    assert densities[10.0] < densities[0.0] - 0.1
+
+
+@torch.no_grad()
+def test_mlp_tokens_fold_into_the_mlp_output():
+    text, unet, adapter = setup()
+    adapter.start_task("<a>", n_tokens=3)
+    emb = adapter.embedding
+    assert torch.equal(emb.current(), emb.new)  # W2 = b2 = 0 at init: the rows start as z
+    randomize(adapter, 4)
+    l1, l2 = emb.mlp[0], emb.mlp[2]
+    expected = emb.new + F.linear(F.gelu(F.linear(emb.new, l1.weight, l1.bias)), l2.weight, l2.bias)
+    assert not torch.allclose(expected, emb.new)
+    assert torch.equal(adapter.task_tensors()["tokens"], emb.current())
+    adapter.fold()
+    table = text.text_model.embeddings.token_embedding.weight
+    assert torch.allclose(table[-3:], expected, rtol=0, atol=1e-7)
+    _, _, plain = setup(mlp_tokens=False)
+    plain.start_task("<a>")
+    assert plain.embedding.mlp is None and plain.param_groups()["tokens"] == [plain.embedding.new]
+
+
+def test_ablations_change_what_trains():
+    groups = setup()[2]
+    groups.start_task("<a>")
+    g = groups.param_groups()
+    assert len(g["factors"]) == len(g["mask"]) * 2 // 3 == 2 * len(groups.kv) and len(g["tokens"]) == 5  # z, W1, b1, W2, b2
+    _, _, no_mask = setup(mask=False)
+    no_mask.start_task("<a>")
+    assert no_mask.param_groups()["mask"] == [] and no_mask.mask_density() == 1.0
+    assert all(t.all() for k, t in no_mask.task_tensors().items() if k.endswith(".M"))  # all ones: the plain product folds
+    with pytest.raises(ValueError, match="unknown hardening 'gumbel'; choose one of sigmoid-anneal, ste"):
+        setup(hardening="gumbel")
+
+
+# ------------------------------------------------------------------------------------------------
+# The train.py protocol
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Three concept folders of random images; their names are this test's own, not the world's."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for name in ("01_one", "02_two", "03_three"):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
+    return root
+
+
+def args(ckpt, data, run, task, *extra):
+    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16", "--steps", "4",
+            "--save-every", "2", "--grid-steps", "2", "--rank", "2", "--method", "stamina", *extra]
+
+
+def snapshot(run):
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def test_three_tasks_stack_and_sample(tiny_ckpt, data, tmp_path):
+    import sample
+
+    ckpt, _ = tiny_ckpt
+    run = tmp_path / "run"
+    train.main(args(ckpt, data, run, 3, "--mask-lr", "0.2", "--sparsity", "1"))
+    desc = json.loads((run / "run.json").read_text())
+    words = [w for w, _ in train.concepts(data)]
+    assert [t["word"] for t in desc["tasks"]] == words
+    assert (desc["method"], desc["mask"], desc["mlp_tokens"], desc["hardening"], desc["sparsity"]) == ("stamina", True, True, "sigmoid-anneal", 1.0)
+    assert all(0 < t["mask_density"] < 1 and t["mask_lr"] == 0.2 for t in desc["tasks"])
+    # Stacking: the run folds to the base weights plus every task's hard-masked product.
+    files = [read_state_dict(run / f"task_0{i}.safetensors") for i in (1, 2, 3)]
+    model = sample.StableDiffusion.load(ckpt)
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    assert load_run(run, model, ckpt) == words
+    folded = model.unet.state_dict()
+    for k, w in folded.items():
+        if ".attn2.to_k." in k or ".attn2.to_v." in k:
+            key = k.removesuffix(".weight")
+            expected = base[k] + sum(unpack_bits(f[key + ".M"], w.shape) * (f[key + ".A"] @ f[key + ".B"]) for f in files)
+            assert rel_err(w, expected) < 1e-6
+        else:
+            assert torch.equal(w, base[k])
+    out = tmp_path / "s.png"
+    sample.main(["--run", str(run), "--prompt", f"a photo of {words[0]} and {words[2]}", "--out", str(out),
+                 "--steps", "2", "--n", "1", "--size", "16"])
+    assert Image.open(out).size == (16, 16)
+
+
+def test_crash_resumes_exactly(tiny_ckpt, data, tmp_path, monkeypatch, capsys):
+    ckpt, _ = tiny_ckpt
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    extra = ("--mask-lr", "0.2", "--hardening", "ste")
+    train.main(args(ckpt, data, ref, 2, *extra))
+    train.main(args(ckpt, data, run, 1, *extra))
+    real_step, calls = train.torch.optim.AdamW.step, {"n": 0}
+
+    def crash_on_third_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a kill after the step-2 checkpoint
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train.torch.optim.AdamW, "step", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(ckpt, data, run, 2, *extra))
+    monkeypatch.undo()
+    assert (run / "task_02.partial.safetensors").exists() and not (run / "task_02.safetensors").exists()
+    capsys.readouterr()
+    train.main(args(ckpt, data, run, 2, *extra))
+    assert "task 2: resuming at step 2" in capsys.readouterr().out
+    resumed, straight = read_state_dict(run / "task_02.safetensors"), read_state_dict(ref / "task_02.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight if k.endswith(".M"))
+    assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
+
+
+def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, capsys):
+    ckpt, _ = tiny_ckpt
+    run = tmp_path / "run"
+    train.main(args(ckpt, data, run, 1))
+    before = snapshot(run)
+    for extra, says in [(("--method", "clora"), "made with method 'stamina', not 'clora'"),
+                        (("--no-mask",), "made with mask True, not False"),
+                        (("--no-mlp-tokens",), "made with mlp_tokens True, not False"),
+                        (("--hardening", "ste"), "made with hardening 'sigmoid-anneal', not 'ste'"),
+                        (("--sparsity", "0.5"), "made with sparsity 0.01, not 0.5"),
+                        (("--sparsity", "-1"), r"^error: --sparsity -1.0: the sparsity weight must be >= 0$"),
+                        (("--method", "lora", "--no-mask", "--sparsity", "0"),
+                         r"^error: --sparsity, --no-mask: settings of --method stamina, not of lora$")]:
+        with pytest.raises(SystemExit, match=says):
+            train.main(args(ckpt, data, run, 2, *extra))
+        assert snapshot(run) == before
+    with pytest.raises(SystemExit) as e:
+        train.main(args(ckpt, data, run, 2, "--hardening", "gumbel"))
+    assert e.value.code != 0 and "invalid choice: 'gumbel'" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_task_is_stored_with_hard_masks(tiny_ckpt, data, tmp_path, monkeypatch):
+    """train.py stores (and folds) a task only after switching its masks back from their training form."""
+    ckpt, _ = tiny_ckpt
+    seen = []
+    real = train.CLoRA.task_tensors
+
+    def spy(self):
+        seen.append([layer.mask.relaxed for layer in self.kv.values()])
+        return real(self)
+
+    monkeypatch.setattr(train.CLoRA, "task_tensors", spy)
+    train.main(args(ckpt, data, tmp_path / "run", 1))
+    assert seen and not any(any(s) for s in seen)
