@@ -3,10 +3,12 @@
     python sample.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut riding a horse"
     python sample.py --prompt "a castle at dusk" --steps 50 --cfg 7.5 --seed 0 --n 4 --out grid.png --device cuda --dtype fp16
     python sample.py --run runs/faces --prompt "a photo of <alice> and <bob> at the beach"
+    python sample.py --lora export/lora.safetensors --embedding export/embeddings/alice.safetensors --prompt "a photo of <alice>"
 
 Without --ckpt, the run's base checkpoint (with --run) or the first .safetensors / .ckpt file in
 weights/ is used, and with none there, the embedded tiny model (weights/embedded/, see pretrain.py).
-With --run, every concept the run learned is folded into the weights first.
+With --run, every concept the run learned is folded into the weights first; then --lora (a kohya-format
+SD 1.x LoRA, e.g. export.py's) and --embedding (textual inversion: diffusers or AUTOMATIC1111 files).
 """
 import argparse
 import json
@@ -163,6 +165,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="SD 1.x checkpoint (.safetensors or .ckpt); default: the first one in weights/")
     p.add_argument("--run", help="a train.py run folder: sample with every concept it learned")
+    p.add_argument("--lora", help="a kohya-format SD 1.x LoRA (.safetensors) to fold into the weights")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's multiplier")
+    p.add_argument("--embedding", action="append", default=[], help="a textual-inversion file (.safetensors, .pt, .bin); repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt (the unconditional side of guidance)")
     p.add_argument("--steps", type=int, default=50)
@@ -182,6 +187,10 @@ def main(argv=None):
         print(f"loading {path}")
         model = StableDiffusion.load(path, args.device, DTYPES[args.dtype])
         words = load_run(args.run, model, path) if args.run else []
+        from export import add_embedding, apply_lora  # here, not above: export.py imports this module
+        if args.lora:
+            print(f"{args.lora}: {apply_lora(model, args.lora, args.lora_scale)} layers folded in at scale {args.lora_scale:g}")
+        words += [add_embedding(model, e) for e in args.embedding]
         check_concept_words([args.prompt, args.negative], words)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
