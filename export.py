@@ -129,8 +129,7 @@ def export_files(model, method, rank, tasks, base_sd=None, dtype="fp32", svd_ran
     if METHODS[method][0] is None:
         notes.append(f"no lora.safetensors: method {method} changes no UNet weight")
     else:
-        deltas = {name: folded[name].double() - base[name].double() for name in kohya}
-        most = max(min(d.shape) for d in deltas.values())
+        most = max(min(w.shape) for w in folded.values())
         if svd_rank is not None and not 1 <= svd_rank <= most:
             raise CheckpointError(f"--rank {svd_rank}: must be in 1..{most} for this UNet (its largest K/V layer has {most} directions)")
         if method in LOWRANK_EXACT and svd_rank is None:
@@ -139,7 +138,7 @@ def export_files(model, method, rank, tasks, base_sd=None, dtype="fp32", svd_ran
             how = f"exact: the {len(tasks)} tasks' factors side by side"
         else:
             r = svd_rank or min(rank * len(tasks), most)
-            factors, err, worst = svd_factors(deltas, r)
+            factors, err, worst = svd_factors({name: folded[name].double() - base[name].double() for name in kohya}, r)
             how = f"truncated SVD, relative error {err:.3g} (worst layer {worst:.3g})"
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": r, "ss_network_alpha": r,
                 "ss_base_model_version": "sd_v1", "ss_v2": "False", "modelspec.architecture": "stable-diffusion-v1/lora",
@@ -167,6 +166,8 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
     if not run["tasks"]:
         raise CheckpointError(f"{run_dir}: the run has no finished task yet; nothing to export")
     path = find_checkpoint(ckpt or run["base_checkpoint"])
+    if any(out.resolve() in (p, *p.parents) for p in (Path(run_dir).resolve(), path.resolve())):
+        raise CheckpointError(f"--out {out} holds the run or its base checkpoint, which it would replace; pick another folder")
     if sha256(path) != run["base_sha256"]:
         raise CheckpointError(f"{path} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']}); pass it as --ckpt")
     tasks = [(t["word"], read_state_dict(task_file(run_dir, t["task"]))) for t in run["tasks"]]  # all of them, before any work
@@ -177,6 +178,7 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
     if merged:  # the base's own metadata (the tiny model keeps its config there), and where the deltas came from
         files["merged.safetensors"][1].update({**read_metadata(path), "clora.merged": f"{Path(run_dir).name}: {' '.join(words)}"})
 
+    out = out.resolve()  # `--out .` has no name of its own to build a temporary one from
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -184,6 +186,8 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
             save_safetensors(tensors, tmp / name, meta)
         (tmp / "README.md").write_text(readme(run_dir, run, path, words, notes, "lora.safetensors" in files,
                                               read_metadata(path).get("model", "sd1")))
+        for p in [tmp, *tmp.rglob("*")]:  # temporary files are private; an export is for sharing
+            p.chmod(0o755 if p.is_dir() else 0o644)
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
         if out.exists():
             out.rename(old)  # aside, not deleted, until the new folder is in place
@@ -191,7 +195,7 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\n".join(notes) + f"\nwrote {out}/ (its README.md says how to load it)")
+    print("\n".join(notes) + f"\nwrote {out} (its README.md says how to load it)")
 
 
 def readme(run_dir, run, base, words, notes, lora, model_name):

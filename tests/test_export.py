@@ -64,7 +64,7 @@ def reference_pipeline(sd):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("method, extra", [("clora", []), ("kv", ["--rank", "64"])])  # kv: SVD at full rank
+@pytest.mark.parametrize("method, extra", [("clora", []), ("stamina", ["--rank", "64"])])  # stamina: masked, SVD at full rank
 def test_diffusers_loads_our_export_to_our_weights(tiny_ckpt, tmp_path, method, extra):
     ckpt, _ = tiny_ckpt
     run, out = make_run(tmp_path, ckpt, method), tmp_path / "out"
@@ -161,24 +161,31 @@ def test_full_size_export_has_the_real_layout():
     assert files["embeddings/c2.safetensors"][0]["<c2>"].shape == (2, 768)
 
 
-def test_tokens_only_and_new_methods(tiny_ckpt, tmp_path, monkeypatch):
-    """ti exports its embeddings and no LoRA; a method export.py does not know exports by SVD, here
-    exactly since its deltas have rank <= the default (the run's rank times its tasks)."""
+def test_svd_exports_say_their_error_and_ti_exports_tokens(tiny_ckpt, tmp_path, monkeypatch):
+    """kv by truncated SVD at the default rank (the run's rank times its tasks): the relative error in
+    the metadata is the one the imported weights show. A method export.py does not know goes the same
+    way, here exactly since its deltas have rank <= 6. ti: embeddings and no LoRA."""
     ckpt, _ = tiny_ckpt
+    monkeypatch.setitem(export.METHODS, "newlow", ("lowrank", False))
+    for method in ("kv", "newlow"):
+        run, out = make_run(tmp_path, ckpt, method), tmp_path / method
+        export.main(["--run", str(run), "--out", str(out)])
+        meta = read_metadata(out / "lora.safetensors")
+        assert meta["clora.export"] == "truncated SVD" and meta["ss_network_dim"] == "6"
+        base, ours, imported = (sample.StableDiffusion.load(ckpt) for _ in range(3))
+        load_run(run, ours, ckpt)
+        export.apply_lora(imported, out / "lora.safetensors")
+        err, delta = 0.0, 0.0
+        for name, m in ours.unet.named_modules():
+            if name.endswith(TARGETS):
+                err += (imported.unet.get_submodule(name).weight - m.weight).double().square().sum().item()
+                delta += (m.weight - base.unet.get_submodule(name).weight).double().square().sum().item()
+        stated = float(meta["clora.relative_error"])
+        assert (err / delta) ** 0.5 == pytest.approx(stated, rel=1e-3, abs=1e-6)
+        assert stated > 0.1 if method == "kv" else stated < 1e-6
     export.main(["--run", str(make_run(tmp_path, ckpt, "ti")), "--out", str(tmp_path / "ti")])
     assert sorted(p.name for p in (tmp_path / "ti").iterdir()) == ["README.md", "embeddings"]
     assert "lora" not in (tmp_path / "ti" / "README.md").read_text().lower().replace("no lora.safetensors", "")
-    monkeypatch.setitem(export.METHODS, "newlow", ("lowrank", False))
-    run = make_run(tmp_path, ckpt, "newlow")
-    export.main(["--run", str(run), "--out", str(tmp_path / "new")])
-    meta = read_metadata(tmp_path / "new" / "lora.safetensors")
-    assert meta["clora.export"] == "truncated SVD" and meta["ss_network_dim"] == "6" and float(meta["clora.relative_error"]) < 1e-6
-    ours, imported = (sample.StableDiffusion.load(ckpt) for _ in range(2))
-    load_run(run, ours, ckpt)
-    export.apply_lora(imported, tmp_path / "new" / "lora.safetensors")
-    for name, m in ours.unet.named_modules():
-        if name.endswith(TARGETS):
-            assert rel_err(imported.unet.get_submodule(name).weight, m.weight) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +216,7 @@ def test_bad_runs_and_out_folders_are_refused(tiny_ckpt, tmp_path):
     (out / "mine.txt").write_text("keep")
     refused(export.main, args, r"--out .* exists and is not an empty folder; pass --overwrite")
     refused(export.main, [*args, "--overwrite", "--rank", "1000"], r"--rank 1000: must be in 1\.\.64")
+    refused(export.main, ["--run", str(run), "--out", str(tmp_path), "--overwrite"], r"holds the run or its base checkpoint")
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["mine.txt"]
     export.main([*args, "--overwrite", "--dtype", "fp16", "--rank", "4"])  # lora re-truncated by SVD
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["out"]
