@@ -1,19 +1,24 @@
 """Score a continual run of the embedded world: how well every concept is generated after every task.
 
-    python evaluate.py --run runs/world-clora                 # R matrix, forgetting, plot, final grid
+    python evaluate.py --run runs/world-v2-clora              # R matrix, plasticity, forgetting, plots
+    python evaluate.py --run runs/long --every 10             # a long stream: full rows after tasks 10, 20, ...
     python evaluate.py --train-classifier                     # rebuild weights/embedded/classifier.safetensors
 
 For a run of T tasks: R[i][j] = score of concept j after task i (j <= i), from `--n` images sampled
-with the prompt "a photo of <word>" and the weights of tasks 1..i. Two scores, both computed in the
-feature space of a small concept classifier trained on the world's own images (not on any run):
-- accuracy: the fraction of generated images that the classifier, choosing among the 10 concepts,
-  assigns to concept j (higher is better; chance is 0.1). Its 11th class, "a base face", trains it to
-  look at the identity details, but is left out of the choice: the tiny model's samples are softer
-  than the world's drawings, and with it nearly every sample of every method, even of a concept
-  trained alone, scored "base face", which told the methods apart by nothing;
+with the prompt "a photo of <word>" and the weights of tasks 1..i. R[j][j] is scored after every task
+(plasticity: how well a concept is learned); the other cells of a row after every `--every`-th task
+and the last. Two scores, both in the feature space of a small concept classifier trained on the
+world's own images (not on any run):
+- accuracy: the fraction of generated images that the classifier assigns to concept j, choosing among
+  all the world's concepts (chance 1/50). Look-alikes differ only by their mark, so a sample of the
+  right group without the right mark scores about 1/5 at best;
 - MMD: the squared maximum mean discrepancy, with KID's kernel k(x, y) = (x.y / d + 1)^3, between the
   generated images and the concept's held-out real images (lower is better).
 Forgetting of concept j = R[j][j] - R[T][j] (accuracy; for MMD the increase), averaged over j < T.
+
+The classifier is trained on its own split of concept images, each seen through the tiny model's
+VAE half the time and degraded the way samples are (blur, noise, colour and position shifts), so
+that it judges a concept by what a model can draw, not by the drawings' crisp edges.
 
 Writes into the run folder: eval.md (tables), eval.json (the matrices), eval_matrix.png (the accuracy
 matrix as a picture) and eval_final.png (every concept after the last task, one row each).
@@ -30,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import world
-from checkpoint import CheckpointError, read_state_dict, save_safetensors
+from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors
 from clora import CLoRA, read_run, task_file
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
-N_CLASSES = len(world.CONCEPTS) + 1  # the concepts, and "a face of the base distribution" (class 10)
+N_CLASSES = len(world.CONCEPTS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,51 +63,75 @@ class ConceptClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def classifier_data(split, per_class):
-    """(images, labels): `per_class` images of every concept from `split`, and as many base faces."""
-    x = [world.to_tensor_batch(world.concept_images(i, split, per_class)) for i in range(len(world.CONCEPTS))]
-    x.append(world.to_tensor_batch([im for im, _ in world.base_images(per_class, seed=f"classifier-{split}")]))
+def concept_batch(split, per_class):
+    """(images, labels): `per_class` images of every concept from `split`."""
+    x = [world.to_tensor_batch(world.concept_images(i, split, per_class)) for i in range(N_CLASSES)]
     return torch.from_numpy(np.concatenate(x)), torch.arange(N_CLASSES).repeat_interleave(per_class)
 
 
-def train_classifier(path, per_class=300, epochs=8, seed=0):
-    """Trained on its own split of world images ("classifier"), tested on the held-out split that
-    evaluation compares against. Saves the weights and the held-out accuracy (metadata)."""
+@torch.no_grad()
+def through_vae(vae, x):
+    """Images (N, 3, H, W) in [-1, 1] encoded and decoded by the model's VAE (the latent mean)."""
+    return torch.cat([vae.decode(vae.encode(x[i:i + 256])[0]).clamp(-1, 1) for i in range(0, len(x), 256)])
+
+
+def degrade(x, g):
+    """The ways a sample differs from a drawing: blur, noise, colour and contrast shifts, a few pixels
+    of shift, a mirror image (training mirrors the photos). x: (N, 3, H, W) in [-1, 1]."""
+    n, c, h, w = x.shape
+    sigma = (torch.rand(n, generator=g) * 1.2).clamp(min=0.05)
+    k = torch.exp(-torch.arange(-2, 3).float() ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(c, 0)[:, None]  # (n*c, 1, 5, 5): a Gaussian per image
+    x = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate"), kernel, groups=n * c).reshape(n, c, h, w)
+    gain = 1 + 0.25 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5)  # per-channel colour shift
+    mean = x.mean((1, 2, 3), keepdim=True)
+    contrast = 1 + 0.4 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    x = (x - mean) * contrast + mean
+    x = x * gain + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5) + 0.06 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=g))
+    x = F.pad(x, (3, 3, 3, 3), mode="replicate")[:, :, 3 + dy:3 + dy + h, 3 + dx:3 + dx + w]
+    flip = torch.rand(n, generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x).clamp(-1, 1)
+
+
+def train_classifier(path, vae, per_class=160, epochs=14, seed=0):
+    """Trained on its own split of world images ("classifier"), half of them through the model's VAE,
+    degraded afresh every epoch; tested on the held-out split that evaluation compares against.
+    Saves the weights and the held-out accuracies (metadata)."""
     torch.manual_seed(seed)
-    x, y = classifier_data("classifier", per_class)
+    x, y = concept_batch("classifier", per_class)
+    x = torch.cat([x[0::2], through_vae(vae, x[1::2])])
+    y = torch.cat([y[0::2], y[1::2]])
     model = ConceptClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
+    steps = epochs * ((len(x) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.15)
     for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(degrade(x[idx], g)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        print(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.4f}")
-    acc = heldout_accuracy(model.eval())
+            sched.step()
+        print(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.4f}", flush=True)
+    acc = heldout_accuracy(model.eval(), vae)
     save_safetensors(model.state_dict(), path, metadata={**{f"heldout_accuracy_{k}": f"{v:.4f}" for k, v in acc.items()},
-                                                           "per_class": per_class, "made_by": "python evaluate.py --train-classifier"})
+                                                           "world": str(world.VERSION), "per_class": str(per_class),
+                                                           "made_by": "python evaluate.py --train-classifier"})
     print(f"wrote {path}: held-out accuracy {acc}")
 
 
-def identify(logits):
-    """The concept (0..9) an image looks most like: the classifier's choice among the concepts only."""
-    return logits[:, :len(world.CONCEPTS)].argmax(1)
-
-
 @torch.no_grad()
-def heldout_accuracy(model):
-    """On the world's held-out images: "all", 11-way over the concepts' images (the ones evaluation
-    compares against) and base faces; "concepts", the 10-way choice evaluation uses, on the concepts' images."""
-    x = torch.cat([heldout_images(j) for j in range(len(world.CONCEPTS))])
-    base = world.to_tensor_batch([im for im, _ in world.base_images(world.N_HELDOUT, seed="classifier-heldout")])
-    logits = model(torch.cat([x, torch.from_numpy(base)]))
+def heldout_accuracy(model, vae):
+    """On the world's held-out images of every concept: "real", as drawn; "vae", through the model's VAE."""
+    x = torch.cat([heldout_images(j) for j in range(N_CLASSES)])
     y = torch.arange(N_CLASSES).repeat_interleave(world.N_HELDOUT)
-    return {"all": (logits.argmax(1) == y).float().mean().item(),
-            "concepts": (identify(logits[:len(x)]) == y[:len(x)]).float().mean().item()}
+    return {"real": (model(x).argmax(1) == y).float().mean().item(),
+            "vae": (model(through_vae(vae, x)).argmax(1) == y).float().mean().item()}
 
 
 def heldout_images(j):
@@ -110,6 +139,8 @@ def heldout_images(j):
 
 
 def load_classifier(path=CLASSIFIER):
+    if read_metadata(path).get("world") != str(world.VERSION):
+        raise CheckpointError(f"{path}: a classifier of another world version; rebuild it: python evaluate.py --train-classifier")
     model = ConceptClassifier()
     model.load_state_dict(read_state_dict(path))
     return model.eval().requires_grad_(False)
@@ -140,26 +171,48 @@ def generate(model, word, n, steps, cfg, seed):
     return model.decode(latents).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@torch.no_grad()
-def evaluate_run(run_dir, n=12, steps=15, cfg=3.0, seed=0, classifier=None):
-    """The score matrices of a run: after each task i, sample every concept j <= i and score it."""
+def world_model(run_dir):
+    """The run's description and its base model, which must be the embedded model of this world."""
     run = read_run(run_dir)
-    model = StableDiffusion.load(run["base_checkpoint"])
-    if model.name != "tiny-world":
-        raise CheckpointError(f"{run_dir}: evaluate.py scores runs on the embedded world model only (this run's base is {model.name})")
-    classifier = classifier or load_classifier()
-    real = {j: classifier.features(heldout_images(j)) for j in range(len(world.CONCEPTS))}
+    base = Path(run["base_checkpoint"])
+    if not base.is_file():
+        raise CheckpointError(f"{run_dir}: its base checkpoint {base} is missing")
+    meta = read_metadata(base)
+    if meta.get("model") != "tiny-world":
+        raise CheckpointError(f"{run_dir}: evaluate.py scores runs on the embedded world model only (this run's base is {base})")
+    if meta.get("world") != str(world.VERSION):
+        raise CheckpointError(f"{run_dir}: made on world version {meta.get('world', '1')}, this is world {world.VERSION}; "
+                              "retrain it (python train.py --task N) on the shipped model")
     index = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}
+    unknown = [t["word"] for t in run["tasks"] if t["word"] not in index]
+    if unknown:
+        raise CheckpointError(f"{run_dir}: {unknown[0]} is not a concept of world {world.VERSION}; only runs on its concepts can be scored")
+    return run, StableDiffusion.load(base)
+
+
+@torch.no_grad()
+def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=None):
+    """The score matrices of a run: after each task i, sample concept i, and every concept j <= i
+    after every `every`-th task and the last one."""
+    run, model = world_model(run_dir)
+    classifier = classifier or load_classifier()
+    index = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}
+    real = {}
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
     T = len(run["tasks"])
     acc, mmd, last = np.full((T, T), np.nan), np.full((T, T), np.nan), []
     for i, task in enumerate(run["tasks"]):
         adapter.load_task(task["word"], read_state_dict(task_file(run_dir, task["task"])))
-        for j, word in enumerate(adapter.words):
+        row = range(i + 1) if (i + 1) % every == 0 or i == T - 1 else [i]
+        for j in row:
+            word = adapter.words[j]
+            k = index[word]
+            if k not in real:
+                real[k] = classifier.features(heldout_images(k))
             images = generate(model, word, n, steps, cfg, seed + 1000 * j)  # the same noise for concept j after every task
             feats = classifier.features(images)
-            acc[i, j] = (identify(classifier.head(feats)) == index[word]).float().mean().item()
-            mmd[i, j] = mmd2(feats, real[index[word]])
+            acc[i, j] = (classifier.head(feats).argmax(1) == k).float().mean().item()
+            mmd[i, j] = mmd2(feats, real[k])
             if i == T - 1:
                 last.append(images)
     adapter.detach()
@@ -168,34 +221,35 @@ def evaluate_run(run_dir, n=12, steps=15, cfg=3.0, seed=0, classifier=None):
 
 
 def summary(res):
-    """Average final score, and forgetting averaged over every concept but the last."""
+    """Mean plasticity R[j][j], final score R[T][j], and forgetting over every concept but the last."""
     acc, mmd = res["acc"], res["mmd"]
     T = len(acc)
     forget_acc = float(np.mean([acc[j, j] - acc[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
     forget_mmd = float(np.mean([mmd[T - 1, j] - mmd[j, j] for j in range(T - 1)])) if T > 1 else 0.0
-    return {"final_acc": float(acc[T - 1].mean()), "forgetting_acc": forget_acc,
-            "final_mmd": float(mmd[T - 1].mean()), "forgetting_mmd": forget_mmd}
+    return {"plasticity_acc": float(np.mean(np.diag(acc))), "final_acc": float(acc[T - 1].mean()),
+            "forgetting_acc": forget_acc, "final_mmd": float(mmd[T - 1].mean()), "forgetting_mmd": forget_mmd}
 
 
 def markdown(res, title):
     words, acc, mmd = res["words"], res["acc"], res["mmd"]
     s = summary(res)
     lines = [f"# {title}", "",
-             f"final accuracy {s['final_acc']:.3f}, forgetting {s['forgetting_acc']:.3f}; "
-             f"final MMD {s['final_mmd']:.3f}, MMD forgetting {s['forgetting_mmd']:.3f}", ""]
+             f"accuracy right after learning {s['plasticity_acc']:.3f}, final {s['final_acc']:.3f}, forgetting "
+             f"{s['forgetting_acc']:.3f}; final MMD {s['final_mmd']:.3f}, MMD forgetting {s['forgetting_mmd']:.3f}", ""]
     for name, m, fmt in (("accuracy", acc, "{:.2f}"), ("MMD", mmd, "{:.3f}")):
-        lines += [f"{name}: R[i][j], row = after task i, column = concept j", "",
+        lines += [f"{name}: R[i][j], row = after task i, column = concept j (R[j][j] after every task, full rows where scored)", "",
                   "| after task | " + " | ".join(words) + " | delta norm |", "|---" * (len(words) + 2) + "|"]
         for i in range(len(words)):
-            cells = [fmt.format(m[i, j]) if j <= i else "" for j in range(len(words))]
+            cells = [fmt.format(m[i, j]) if j <= i and not np.isnan(m[i, j]) else "" for j in range(len(words))]
             lines.append(f"| {i + 1} | " + " | ".join(cells) + f" | {res['delta_norms'][i]:.3g} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def matrix_png(acc, words, path, cell=40):
-    """The accuracy matrix as a picture: green = recognised, red = not, blank above the diagonal."""
+    """The accuracy matrix as a picture: green = recognised, red = not, blank where not scored."""
     T = len(acc)
+    cell = min(cell, max(12, 1200 // (T + 1)))
     im = Image.new("RGB", ((T + 1) * cell, (T + 1) * cell), (255, 255, 255))
     d = ImageDraw.Draw(im)
     for j, w in enumerate(words):
@@ -203,19 +257,24 @@ def matrix_png(acc, words, path, cell=40):
     for i in range(T):
         d.text((4, (i + 1) * cell + cell // 3), f"t{i + 1}", fill=(0, 0, 0))
         for j in range(i + 1):
+            if np.isnan(acc[i, j]):
+                continue
             a = float(acc[i, j])
             x, y = (j + 1) * cell, (i + 1) * cell
             d.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(int(230 * (1 - a)), int(200 * a), 60))
-            d.text((x + 6, y + cell // 3), f"{a:.2f}", fill=(255, 255, 255))
+            if cell >= 30:
+                d.text((x + 6, y + cell // 3), f"{a:.2f}", fill=(255, 255, 255))
     save_png(im, path)
 
 
 def write_outputs(res, run_dir):
     run_dir = Path(run_dir)
-    (run_dir / "eval.md").write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n")
-    (run_dir / "eval.json").write_text(json.dumps({"words": res["words"], "acc": res["acc"].tolist(),
-                                                   "mmd": res["mmd"].tolist(), "delta_norms": res["delta_norms"],
-                                                   **summary(res)}, indent=1) + "\n")
+    with atomic_write(run_dir / "eval.md") as tmp:
+        Path(tmp).write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n")
+    with atomic_write(run_dir / "eval.json") as tmp:
+        nan_free = {k: np.where(np.isnan(res[k]), None, res[k]).tolist() for k in ("acc", "mmd")}  # JSON has no NaN
+        Path(tmp).write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"],
+                                         **summary(res)}, indent=1) + "\n")
     matrix_png(res["acc"], res["words"], run_dir / "eval_matrix.png")
     final = torch.cat([x[:8] for x in res["final_images"]])  # 8 images of every concept, a row each
     save_png(image_grid(((final / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1), cols=8),
@@ -225,20 +284,23 @@ def write_outputs(res, run_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a train.py run folder on the embedded world model")
-    p.add_argument("--n", type=int, default=12, help="images sampled per concept and task")
+    p.add_argument("--n", type=int, default=32, help="images sampled per concept and scored cell")
     p.add_argument("--steps", type=int, default=15, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=1, help="score full rows after every N-th task (and the last)")
     p.add_argument("--train-classifier", action="store_true", help=f"train and write {CLASSIFIER.name}")
     args = p.parse_args(argv)
-    if args.train_classifier:
-        train_classifier(CLASSIFIER)
-    if not args.run:
-        if not args.train_classifier:
-            p.error("pass --run RUN_FOLDER (or --train-classifier)")
-        return
+    if args.n < 2 or args.steps < 1 or args.every < 1:
+        p.error("--n must be >= 2 (MMD needs two samples), --steps and --every >= 1")
     try:
-        res = evaluate_run(args.run, args.n, args.steps, args.cfg, args.seed)
+        if args.train_classifier:
+            train_classifier(CLASSIFIER, StableDiffusion.load(EMBEDDED).vae)
+        if not args.run:
+            if not args.train_classifier:
+                p.error("pass --run RUN_FOLDER (or --train-classifier)")
+            return
+        res = evaluate_run(args.run, args.n, args.steps, args.cfg, args.seed, args.every)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     write_outputs(res, args.run)

@@ -1,20 +1,32 @@
-"""The forgetting experiment on the embedded world: 10 concepts learned one after another by C-LoRA
-and the paper's baselines, scored after every task (evaluate.py), on 2 seeds.
+"""The continual-learning experiment on the embedded world: a stream of concepts learned one after
+another by C-LoRA and the paper's baselines, scored as it goes (evaluate.py), over 3 seeds, with the
+checks that show the experiment can tell the methods apart.
 
-    python experiment.py                                     # the README's table: 22.5 min on 2 CPU cores
-    python experiment.py --tasks 3 --seeds 0 --methods clora lora --out runs/exp-quick   # a quick look
+    python experiment.py                                       # 10 concepts, every method, 3 seeds + upper bound
+    python experiment.py --check                               # the quick validity checks; non-zero exit if one fails
+    python experiment.py --tasks 50 --every 10 --methods clora lora --no-upper-bound --out runs/long
     python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args "--lam 1e4" --out runs/lam1e4
 
-Methods: clora, lora (the same stacking, lambda = 0), ti (tokens only), kv (full-rank K/V deltas,
-Custom Diffusion style), and an upper bound: every concept trained alone from the base model (no
-earlier task to forget or to be regularised against), scored right after its one task. Every run
-uses the model's default settings of train.py. Jobs run in parallel processes, one thread each.
-Writes `--out`/results.md, results.json, matrices.png and a log per job in `--out`/logs/.
+Methods: those of clora.METHODS (clora; lora, the same stacking with lambda = 0; ti, tokens only; kv,
+full-rank K/V deltas, Custom Diffusion style), and an upper bound: every concept trained alone from
+the base model (no earlier task to forget or to be regularised against), scored right after its one
+task. Every run uses the model's default settings of train.py. Jobs run in parallel processes, one
+thread each. Figures are means over seeds with a 95% interval (Student's t); a cell is scored on
+`--n` samples. Writes `--out`/results.md, results.json, matrices.png, curves.png and a log per job in
+`--out`/logs/.
+
+The validity checks (printed, and the exit status of --check):
+- the upper bound learns: each concept alone reaches accuracy >= 0.85;
+- the world needs weights: `ti` alone stays <= 0.6;
+- the baseline that should forget does: sequential `lora` forgets >= 0.3;
+- seeds agree: every headline figure's 95% interval is within +-0.05.
+`--check` runs the quick version: a few concepts alone per method and a short lora stream, one seed.
 """
 import argparse
 import json
 import os
 import shlex
+import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from multiprocessing import Pool
@@ -24,25 +36,32 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import world
+from clora import METHODS
 
-METHODS = ("clora", "lora", "ti", "kv")
+DEFAULT_METHODS = ("clora", "lora", "ti", "kv")
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # t(0.975, n - 1)
+FIGURES = ("plasticity_acc", "final_acc", "forgetting_acc", "final_mmd", "forgetting_mmd")
+CHECK_CONCEPTS = (0, 11, 22, 33)  # --check: two faces and two buildings, four groups, four different marks
+UPPER, TI_MAX, FORGET_MIN, CI_MAX = 0.85, 0.6, 0.3, 0.05
 
 
 def job(spec):
-    """One run: train.py --task T on the world, then evaluate.py on it. Returns its result summary."""
+    """One run: train.py --task T on the world, then evaluate.py on it. Returns its result summary,
+    or {"error": line} when train.py or evaluate.py refused."""
     import torch
 
     torch.set_num_threads(1)
     import evaluate
     import train
+    from checkpoint import CheckpointError
 
-    kind, method, concept, seed, tasks, out, extra = spec
+    kind, method, concept, seed, tasks, out, extra, n, every = spec
     data = Path(out) / "data"
     if kind == "stream":
         name = f"{method}-s{seed}"
     else:  # a data folder holding one concept only: it becomes task 1 (where C-LoRA's penalty is zero)
         word = world.CONCEPTS[concept][0]
-        name, data = f"alone-{word}-s{seed}", Path(out) / "data-alone" / word
+        name, data = f"alone-{method}-{word}-s{seed}", Path(out) / "data-alone" / word
         if not (data / f"01_{word}").exists():
             data.mkdir(parents=True, exist_ok=True)
             os.symlink((Path(out) / "data" / f"{concept + 1:02d}_{word}").resolve(), data / f"01_{word}")
@@ -50,79 +69,182 @@ def job(spec):
     log = Path(out) / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
-        train.main(["--task", str(tasks if kind == "stream" else 1), "--data", str(data), "--run", str(run_dir),
-                    "--method", method, "--seed", str(seed), "--save-every", "0", "--device", "cpu", *shlex.split(extra)])
-        res = evaluate.evaluate_run(run_dir, seed=seed)
-        evaluate.write_outputs(res, run_dir)
-    return {"name": name, "kind": kind, "method": method, "seed": seed, "seconds": time.time() - t0,
-            "acc": res["acc"].tolist(), "mmd": res["mmd"].tolist(), "delta_norms": res["delta_norms"],
+    try:
+        with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
+            train.main(["--task", str(tasks if kind == "stream" else 1), "--data", str(data), "--run", str(run_dir),
+                        "--method", method, "--seed", str(seed), "--save-every", "0", "--device", "cpu", *shlex.split(extra)])
+            res = evaluate.evaluate_run(run_dir, n=n, seed=seed, every=every)
+            evaluate.write_outputs(res, run_dir)
+    except SystemExit as e:  # train.py's one-line errors
+        return {"name": name, "error": str(e.code)}
+    except CheckpointError as e:
+        return {"name": name, "error": f"error: {e}"}
+    return {"name": name, "kind": kind, "method": method, "concept": concept, "seed": seed, "seconds": time.time() - t0,
+            "acc": np.where(np.isnan(res["acc"]), None, res["acc"]).tolist(), "delta_norms": res["delta_norms"],
             **evaluate.summary(res)}
 
 
-def table(results, methods, seeds):
-    """Mean (and spread over seeds) of every summary figure, per method, plus the upper bound."""
-    def fmt(vals):
-        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+def interval(vals):
+    """(mean, 95% half-width) over seeds; the half-width is None for one seed."""
+    vals = np.asarray(vals, dtype=float)
+    if len(vals) < 2:
+        return float(vals.mean()), None
+    return float(vals.mean()), float(T95.get(len(vals), 1.96) * vals.std(ddof=1) / len(vals) ** 0.5)
 
-    lines = ["| method | final accuracy ↑ | forgetting (accuracy) ↓ | final MMD ↓ | forgetting (MMD) ↓ | mean delta norm |",
-             "|---|---|---|---|---|---|"]
+
+def fmt(vals):
+    m, h = interval(vals)
+    return f"{m:.3f}" if h is None else f"{m:.3f} ± {h:.3f}"
+
+
+def per_seed(results, kind, method, key, seeds):
+    """One value per seed: a stream's figure, or for concepts trained alone the mean over concepts."""
+    return [float(np.mean([r[key] for r in results if r["kind"] == kind and r["method"] == method and r["seed"] == s]))
+            for s in seeds if any(r["kind"] == kind and r["method"] == method and r["seed"] == s for r in results)]
+
+
+def table(results, methods, seeds):
+    lines = ["| method | accuracy right after learning ↑ | final accuracy ↑ | forgetting ↓ | final MMD ↓ | "
+             "forgetting (MMD) ↓ | mean delta norm |", "|---|---|---|---|---|---|---|"]
     for m in methods:
-        rs = [r for r in results if r["kind"] == "stream" and r["method"] == m]
-        lines.append(f"| {m} | {fmt([r['final_acc'] for r in rs])} | {fmt([r['forgetting_acc'] for r in rs])} | "
-                     f"{fmt([r['final_mmd'] for r in rs])} | {fmt([r['forgetting_mmd'] for r in rs])} | "
-                     f"{fmt([float(np.mean(r['delta_norms'])) for r in rs])} |")
-    alone = [r for r in results if r["kind"] == "alone"]
-    if alone:  # per seed: the mean over concepts of each concept's own score
-        acc = [np.mean([r["final_acc"] for r in alone if r["seed"] == s]) for s in seeds]
-        mmd = [np.mean([r["final_mmd"] for r in alone if r["seed"] == s]) for s in seeds]
-        norms = [np.mean([r["delta_norms"][0] for r in alone if r["seed"] == s]) for s in seeds]
-        lines.append(f"| upper bound (each concept alone) | {fmt(acc)} | – | {fmt(mmd)} | – | {fmt(norms)} |")
+        if not any(r["kind"] == "stream" and r["method"] == m for r in results):
+            continue
+        norms = [float(np.mean(r["delta_norms"])) for r in results if r["kind"] == "stream" and r["method"] == m]
+        lines.append(f"| {m} | " + " | ".join(fmt(per_seed(results, "stream", m, k, seeds)) for k in FIGURES) + f" | {fmt(norms)} |")
+    for m in sorted({r["method"] for r in results if r["kind"] == "alone"}):
+        lines.append(f"| {'upper bound: ' if m == 'clora' else ''}each concept alone ({m}) | "
+                     f"{fmt(per_seed(results, 'alone', m, 'final_acc', seeds))} | – | – | "
+                     f"{fmt(per_seed(results, 'alone', m, 'final_mmd', seeds))} | – | – |")
     return "\n".join(lines)
+
+
+def checks(results, seeds, quick):
+    """The validity checks that apply to what ran: [(passed, line)]."""
+    out = []
+    alone = {m: per_seed(results, "alone", m, "final_acc", seeds) for m in ("clora", "ti")}
+    if alone["clora"]:
+        worst = min(r["final_acc"] for r in results if r["kind"] == "alone" and r["method"] == "clora")
+        out.append((np.mean(alone["clora"]) >= UPPER, f"the upper bound learns: clora alone {np.mean(alone['clora']):.3f} "
+                    f">= {UPPER} (worst concept {worst:.3f})"))
+    if alone["ti"]:
+        out.append((np.mean(alone["ti"]) <= TI_MAX, f"the world needs weights: ti alone {np.mean(alone['ti']):.3f} <= {TI_MAX}"))
+    lora = per_seed(results, "stream", "lora", "forgetting_acc", seeds)
+    if lora:
+        out.append((np.mean(lora) >= FORGET_MIN, f"sequential lora forgets: {np.mean(lora):.3f} >= {FORGET_MIN}"))
+    if not quick and len(seeds) > 1:
+        widest = max(((interval(per_seed(results, "stream", m, k, seeds))[1] or 0.0, f"{m} {k}")
+                      for m in {r["method"] for r in results if r["kind"] == "stream"} for k in FIGURES[:3]), default=None)
+        if widest:
+            out.append((widest[0] <= CI_MAX, f"seeds agree: widest 95% interval of an accuracy figure ±{widest[0]:.3f} "
+                        f"({widest[1]}) <= ±{CI_MAX}"))
+    return out
 
 
 def matrices_png(out, methods, seed):
     """Every method's accuracy matrix (evaluate.py's eval_matrix.png) side by side, titled."""
-    ims = [Image.open(Path(out) / f"{m}-s{seed}" / "eval_matrix.png") for m in methods]
-    w, h = sum(im.width for im in ims), max(im.height for im in ims) + 20
+    ims = [(m, Image.open(Path(out) / f"{m}-s{seed}" / "eval_matrix.png")) for m in methods
+           if (Path(out) / f"{m}-s{seed}" / "eval_matrix.png").exists()]
+    if not ims:
+        return
+    w, h = sum(im.width for _, im in ims), max(im.height for _, im in ims) + 20
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     d, x = ImageDraw.Draw(canvas), 0
-    for m, im in zip(methods, ims):
+    for m, im in ims:
         d.text((x + 6, 4), f"{m} (seed {seed}): accuracy after task i (rows) of concept j (columns)", fill=(0, 0, 0))
         canvas.paste(im, (x, 20))
         x += im.width
     canvas.save(Path(out) / "matrices.png")
 
 
-def main():
+COLOURS = [(200, 40, 40), (40, 90, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20), (90, 90, 90)]
+
+
+def curves_png(results, methods, seeds, path, W=640, H=260):
+    """Per method (a colour each), over the task index j: accuracy right after learning concept j
+    (R[j][j], solid) and after the last task (R[T][j], dots); means over seeds."""
+    streams = [m for m in methods if any(r["kind"] == "stream" and r["method"] == m for r in results)]
+    if not streams:
+        return
+    T = len(next(r for r in results if r["kind"] == "stream")["acc"])
+    im = Image.new("RGB", (W + 60, H + 50), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    x0, y0 = 40, 10
+    px = lambda j, a: (x0 + (j + 0.5) * W / T, y0 + (1 - a) * H)  # noqa: E731
+    d.rectangle([x0, y0, x0 + W, y0 + H], outline=(0, 0, 0))
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line([px(-0.5, a), px(T - 0.5, a)], fill=(225, 225, 225))
+        d.text((4, px(0, a)[1] - 5), f"{a:.2f}", fill=(0, 0, 0))
+    for j in range(0, T, max(1, T // 10)):
+        d.text((px(j, 0)[0] - 4, y0 + H + 4), str(j + 1), fill=(0, 0, 0))
+    for c, m in enumerate(streams):
+        rs = [r for r in results if r["kind"] == "stream" and r["method"] == m]
+        diag = np.mean([[r["acc"][j][j] for j in range(T)] for r in rs], 0)
+        final = np.mean([[r["acc"][T - 1][j] for j in range(T)] for r in rs], 0)
+        colour = COLOURS[c % len(COLOURS)]
+        d.line([px(j, a) for j, a in enumerate(diag)], fill=colour, width=2)
+        for j, a in enumerate(final):
+            x, y = px(j, a)
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        d.text((x0 + 8 + c * 90, y0 + H + 22), f"{m}", fill=colour)
+    d.text((x0 + 8 + len(streams) * 90, y0 + H + 22), "line: right after learning; dots: after the last task (task index)",
+           fill=(0, 0, 0))
+    im.save(path)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--tasks", type=int, default=len(world.CONCEPTS))
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--out", default=None, help="default: runs/experiment (runs/check with --check)")
+    p.add_argument("--tasks", type=int, default=10, help="length of the stream (the world has 50 concepts)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n", type=int, default=32, help="samples per scored cell")
+    p.add_argument("--every", type=int, default=1, help="score full rows after every N-th task (long streams)")
     p.add_argument("--no-upper-bound", action="store_true")
+    p.add_argument("--check", action="store_true", help="the quick validity checks: exit 1 if one fails")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--train-args", default="", help='extra train.py flags for every run, e.g. "--lam 1e4"')
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not 1 <= args.tasks <= len(world.CONCEPTS):
+        p.error(f"--tasks must be 1-{len(world.CONCEPTS)}: the world has {len(world.CONCEPTS)} concepts")
+    if args.n < 2 or args.every < 1 or args.workers < 1:
+        p.error("--n must be >= 2, --every and --workers >= 1")
+    out = Path(args.out or ("runs/check" if args.check else "runs/experiment"))
     t0 = time.time()
-    world.write_concepts(Path(args.out) / "data")
-    jobs = [("stream", m, None, s, args.tasks, args.out, args.train_args) for s in args.seeds for m in args.methods]
-    if not args.no_upper_bound:
-        jobs += [("alone", "clora", j, s, 1, args.out, args.train_args) for s in args.seeds for j in range(args.tasks)]
+    job_args = (str(out), args.train_args, args.n, args.every)
+    if args.check:
+        seeds, methods = args.seeds[:1], ["lora"]
+        tasks = len(CHECK_CONCEPTS)
+        jobs = [("alone", m, j, seeds[0], 1, *job_args) for m in ("clora", "ti") for j in CHECK_CONCEPTS]
+        jobs.append(("stream", "lora", None, seeds[0], tasks, *job_args))
+    else:
+        seeds, methods, tasks = args.seeds, args.methods, args.tasks
+        jobs = [("stream", m, None, s, tasks, *job_args) for s in seeds for m in methods]
+        if not args.no_upper_bound:
+            jobs += [("alone", "clora", j, s, 1, *job_args) for s in seeds for j in range(tasks)]
+    world.write_concepts(out / "data", n=max([tasks] + [j + 1 for _, _, j, *_ in jobs if j is not None]))
     with Pool(args.workers, maxtasksperchild=1) as pool:  # a fresh process per job: nothing leaks between runs
         results = []
         for r in pool.imap_unordered(job, jobs):
+            if "error" in r:
+                pool.terminate()
+                sys.exit(f"{r['error']} (job {r['name']}; log in {out / 'logs'})")
             results.append(r)
-            print(f"{r['name']}: final accuracy {r['final_acc']:.3f}, forgetting {r['forgetting_acc']:.3f} "
-                  f"({r['seconds']:.0f} s; {len(results)}/{len(jobs)} jobs, {time.time() - t0:.0f} s in all)", flush=True)
+            print(f"{r['name']}: right after learning {r['plasticity_acc']:.3f}, final {r['final_acc']:.3f}, forgetting "
+                  f"{r['forgetting_acc']:.3f} ({r['seconds']:.0f} s; {len(results)}/{len(jobs)} jobs, {time.time() - t0:.0f} s in all)",
+                  flush=True)
     minutes = (time.time() - t0) / 60
-    md = table(results, args.methods, args.seeds)
-    header = (f"{args.tasks} concepts, seeds {args.seeds}, {minutes:.1f} min on {os.cpu_count()} CPU cores; "
-              "accuracy: concept classifier on generated images; MMD: KID-kernel MMD^2 to held-out real images")
-    (Path(args.out) / "results.md").write_text(header + "\n\n" + md + "\n")
-    (Path(args.out) / "results.json").write_text(json.dumps({"minutes": minutes, "results": results}, indent=1) + "\n")
-    matrices_png(args.out, args.methods, args.seeds[0])
-    print(header + "\n\n" + md)
+    checked = checks(results, seeds, args.check)
+    header = (f"{tasks} concepts, seeds {seeds}, {args.n} samples per cell, {minutes:.1f} min on {os.cpu_count()} CPU cores; "
+              "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images")
+    lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
+    md = header + "\n\n" + table(results, methods, seeds) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"minutes": minutes, "checks": lines, "results": results}, indent=1) + "\n")
+    matrices_png(out, methods, seeds[0])
+    curves_png(results, methods, seeds, out / "curves.png")
+    print(md)
+    if not all(ok for ok, _ in checked):
+        sys.exit(f"error: {sum(not ok for ok, _ in checked)} validity check(s) failed (see above)")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""Pretrain the embedded tiny Stable Diffusion on the base distribution of `world.py`: the same
-UNet / TextEncoder / VAE classes as SD 1.x with small configs, saved as one original-layout
-.safetensors that sample.py and train.py load by the same code path as the real SD 1.5.
+"""Pretrain the embedded tiny Stable Diffusion on the base distribution of `world.py` (faces and
+buildings): the same UNet / TextEncoder / VAE classes as SD 1.x with small configs, saved as one
+original-layout .safetensors that sample.py and train.py load by the same code path as the real SD 1.5.
 
     python pretrain.py                                  # resumable: rerun after a kill to continue
     python pretrain.py --vae-steps 200 --unet-steps 500 --out /tmp/tiny.safetensors   # a quick try
 
 Stage 1 trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
-and GAN losses, which flat cartoon colours do not need). Stage 2 trains the text encoder (with the
-real CLIP BPE tokenizer) and the UNet together on the cached latents of a fixed pool of captioned
-faces, noise-prediction MSE on SD's own schedule, 10% empty captions for classifier-free guidance,
-an EMA of the weights. The output's metadata holds what shapes cannot tell (UNet heads, the VAE's
-latent scale) and names the model, so train.py can pick its defaults.
+and GAN losses, which flat cartoon colours do not need). SD's VAE is a general image codec, so this
+one is too: half of its batches carry random shapes in random colours over the base images, so it
+can encode what the UNet has never seen (a concept's neon mark). Stage 2 trains the text encoder
+(with the real CLIP BPE tokenizer) and the UNet together on the cached latents of a fixed pool of
+captioned base images (no marks, no neon colour), noise-prediction MSE on SD's own schedule, 10%
+empty captions for classifier-free guidance, a cosine learning-rate decay and an EMA of the weights.
+The output's metadata holds what shapes cannot tell (UNet heads, the VAE's latent scale), names the
+model (train.py picks its defaults by it) and the world version it was trained on.
 """
 import argparse
 import copy
 import json
+import math
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import world
-from checkpoint import atomic_write, save_safetensors
+from checkpoint import atomic_write, read_state_dict, save_safetensors
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from sample import alphas_cumprod
 from unet import UNet, UNetConfig
@@ -37,6 +41,22 @@ UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, a
                   num_heads=4, context_dim=64)
 VAE_CFG = VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)  # 64x64x3 images <-> 16x16x4 latents
 OUT = Path(__file__).parent / "weights" / "embedded" / "tiny_sd.safetensors"
+
+
+def scribble(images, g):
+    """A copy of (N, H, W, 3) uint8 images with 1-3 random rectangles / discs in uniformly random
+    colours on each: the VAE's extra data, so that it encodes any colour and shape."""
+    x = images.clone()
+    n, H, W, _ = x.shape
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    for _ in range(3):
+        cy, cx, ry, rx = (torch.randint(lo, hi, (n, 1, 1), generator=g) for lo, hi in ((0, H), (0, W), (2, H // 4), (2, W // 4)))
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        inside = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, inside, ((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx))
+        keep = torch.rand(n, 1, 1, generator=g) < 0.7
+        colour = torch.randint(0, 256, (n, 1, 1, 3), generator=g, dtype=torch.uint8)
+        x = torch.where((inside & keep)[..., None], colour, x)
+    return x
 
 
 def make_pool(n, seed, workers=2):
@@ -62,6 +82,7 @@ def train_vae(vae, images, args, state, state_path):
     t0 = time.time()
     for step in range(state["vae_step"], args.vae_steps):
         x = images[torch.randint(len(images), (args.vae_batch,), generator=g)]
+        x = torch.cat([x[: len(x) // 2], scribble(x[len(x) // 2:], g)])
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         mean, logvar = vae.encode(x)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
@@ -106,7 +127,8 @@ def train_unet(text, unet, ema, mean, logvar, scale, captions, args, state, stat
     ema_params = list(ema[0].parameters()) + list(ema[1].parameters())
     for step in range(state["unet_step"], args.unet_steps):
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 200)  # warm-up
+            # Warm-up, then a cosine decay to a tenth: the last steps refine rather than wander.
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
         idx = torch.randint(len(mean), (args.batch,), generator=g)
         x0 = scale * (mean[idx] + (0.5 * logvar[idx]).exp() * torch.randn(mean[idx].shape, generator=g))
         x0 = torch.where(torch.rand(args.batch, 1, 1, 1, generator=g) < 0.5, x0, x0.flip(-1))  # mirror
@@ -135,9 +157,10 @@ def export(text, unet, vae, scale, path, args):
     sd = {}
     for m in (text, unet, vae):
         sd.update({m.PREFIX + k: v.detach().half() for k, v in m.state_dict().items()})
-    meta = {"model": MODEL_NAME, "unet.num_heads": unet.cfg.num_heads, "vae.scale_factor": f"{scale:.6f}",
+    meta = {"model": MODEL_NAME, "world": str(world.VERSION), "unet.num_heads": unet.cfg.num_heads, "vae.scale_factor": f"{scale:.6f}",
             "resolution": world.SIZE,
-            "made_by": f"python pretrain.py --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --seed {args.seed}"}
+            "made_by": f"python pretrain.py --pool {args.pool} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --seed {args.seed}"
+                       + (f" --vae-init {args.vae_init}" if args.vae_init else "")}
     save_safetensors(sd, path, metadata=meta)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {json.dumps(meta)}")
 
@@ -151,6 +174,7 @@ def main():
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=8e-4)
     p.add_argument("--kl", type=float, default=1e-6)
+    p.add_argument("--vae-init", help="an original-layout tiny checkpoint whose VAE to start from (default: random)")
     p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -161,7 +185,7 @@ def main():
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    pool_path = args.work / f"pool_{args.pool}_{args.seed}.npz"
+    pool_path = args.work / f"pool_world{world.VERSION}_{args.pool}_{args.seed}.npz"
     if not pool_path.exists():
         t0 = time.time()
         images, captions = make_pool(args.pool, args.seed)
@@ -172,8 +196,10 @@ def main():
     images, captions = torch.from_numpy(data["images"]), [str(c) for c in data["captions"]]
 
     text, unet, vae = TextEncoder(TEXT), UNet(UNET), VAE(VAE_CFG)
+    if args.vae_init:  # start from another tiny model's VAE (same config), e.g. the previous world's
+        vae = VAE.from_checkpoint(read_state_dict(args.vae_init)).float()  # its config read off the shapes
     unet, vae = (m.to(memory_format=torch.channels_last) for m in (unet, vae))  # the layout the models run in
-    state_path = args.work / f"state_{args.seed}.pt"
+    state_path = args.work / f"state_world{world.VERSION}_{args.seed}.pt"
     state = torch.load(state_path, weights_only=False) if state_path.exists() else {"vae_step": 0, "unet_step": 0}
     for key, m in (("vae", vae), ("text", text), ("unet", unet)):
         if key in state:
