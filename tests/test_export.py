@@ -60,7 +60,8 @@ def reference_pipeline(sd):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=diffusers_vae(TINY_VAE, sd), text_encoder=transformers_clip(TINY_TEXT, sd),
-                                   tokenizer=hf_tokenizer(), unet=diffusers_unet(TINY_UNET, sd), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   tokenizer=hf_tokenizer(), unet=diffusers_unet(TINY_UNET, sd),
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -129,10 +130,13 @@ def test_export_read_back_reproduces_the_run(tiny_ckpt, tmp_path):
         sample.main([*args, *base, "--out", str(tmp_path / f"{kind}.png")])
         image = np.asarray(Image.open(tmp_path / f"{kind}.png"), dtype=np.int16)
         assert np.abs(image - run_image).max() <= 1, kind  # the same images, up to float summation order
-    sample.main(["--ckpt", str(ckpt), *base[:1], "a photo of a face", *base[2:], "--out", str(tmp_path / "plain.png")])
-    sample.main(["--ckpt", str(ckpt), "--lora", str(out / "lora.safetensors"), "--lora-scale", "0", *base[:1], "a photo of a face",
-                 *base[2:], "--out", str(tmp_path / "scale0.png")])
-    assert (tmp_path / "plain.png").read_bytes() == (tmp_path / "scale0.png").read_bytes()
+    # The LoRA matters, and at --lora-scale 0 it is not there.
+    words_only = [a for f in embeddings["diffusers"] for a in ("--embedding", str(f))]
+    sample.main(["--ckpt", str(ckpt), *words_only, *base, "--out", str(tmp_path / "words.png")])
+    sample.main(["--ckpt", str(ckpt), *words_only, "--lora", str(out / "lora.safetensors"), "--lora-scale", "0", *base,
+                 "--out", str(tmp_path / "scale0.png")])
+    assert (tmp_path / "words.png").read_bytes() == (tmp_path / "scale0.png").read_bytes()
+    assert np.abs(np.asarray(Image.open(tmp_path / "words.png"), dtype=np.int16) - run_image).max() > 10
 
 
 def test_full_size_export_has_the_real_layout():
@@ -186,6 +190,29 @@ def test_svd_exports_say_their_error_and_ti_exports_tokens(tiny_ckpt, tmp_path, 
     export.main(["--run", str(make_run(tmp_path, ckpt, "ti")), "--out", str(tmp_path / "ti")])
     assert sorted(p.name for p in (tmp_path / "ti").iterdir()) == ["README.md", "embeddings"]
     assert "lora" not in (tmp_path / "ti" / "README.md").read_text().lower().replace("no lora.safetensors", "")
+
+
+def test_import_applies_kohya_layers_by_any_name(tiny_ckpt, tmp_path):
+    """A 1x1-convolution layer, a text-encoder layer (no alpha: scale 1) and a CompVis-named layer, at --lora-scale 0.5."""
+    ckpt, _ = tiny_ckpt
+    g = torch.Generator().manual_seed(0)
+    layers = {"lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "input_blocks.1.1.proj_in", (32, 32, 1, 1), 1.0),
+              "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj",
+                                                                       (128, 128), None),
+              "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": ("unet", "middle_block.1.transformer_blocks.0.attn2.to_v",
+                                                                           (64, 128), 8.0)}
+    sd = {}
+    for key, (_, _, (out, inp, *k), alpha) in layers.items():
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = torch.randn(2, inp, *k, generator=g), torch.randn(out, 2, *k, generator=g)
+        if alpha:
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+    save_safetensors(sd, tmp_path / "lora.safetensors")
+    base, model = sample.StableDiffusion.load(ckpt), sample.StableDiffusion.load(ckpt)
+    assert export.apply_lora(model, tmp_path / "lora.safetensors", scale=0.5) == 3
+    for key, (root, name, shape, alpha) in layers.items():
+        up, down = sd[f"{key}.lora_up.weight"].flatten(1), sd[f"{key}.lora_down.weight"].flatten(1)
+        expected = getattr(base, root).get_submodule(name).weight + 0.5 * (alpha or 2) / 2 * (up @ down).view(shape)
+        assert rel_err(getattr(model, root).get_submodule(name).weight, expected) < 1e-6, key
 
 
 # ------------------------------------------------------------------------------------------------
