@@ -131,7 +131,8 @@ def export_files(model, method, rank, tasks, base_sd=None, dtype="fp32", svd_ran
     else:
         most = max(min(w.shape) for w in folded.values())
         if svd_rank is not None and not 1 <= svd_rank <= most:
-            raise CheckpointError(f"--rank {svd_rank}: must be in 1..{most} for this UNet (its largest K/V layer has {most} directions)")
+            raise CheckpointError(f"--rank {svd_rank}: must be in 1..{most} for this UNet "
+                                  f"(its largest K/V layer has {most} directions)")
         if method in LOWRANK_EXACT and svd_rank is None:
             factors = lowrank_factors(kohya, [tensors for _, tensors in tasks])
             r, err, worst = next(iter(factors.values()))[1].shape[0], 0.0, 0.0
@@ -203,7 +204,8 @@ def readme(run_dir, run, base, words, notes, lora, model_name):
     names, name = [w.strip("<>") for w in words], Path(run_dir).name
     return "\n".join([
         f"# Concepts learned by `{run_dir}`", "",
-        f"Learned with `{run['method']}` on `{base.name}`, one task after another: " + ", ".join(f"`{w}`" for w in words) + ".", "",
+        f"Learned with `{run['method']}` on `{base.name}`, one task after another: "
+        + ", ".join(f"`{w}`" for w in words) + ".", "",
         *[f"- {note}" for note in notes], "",
         *(["Use both: the embeddings are the words, the LoRA is how the UNet reads them."] if lora else []),
         *([f"The base model is this project's `{model_name}`, not a standard SD 1.x checkpoint: the files are in the "
@@ -246,8 +248,9 @@ def lora_deltas(path, model):
     names = kohya_names(model.unet, model.text_encoder)
     unknown = [k for k in sd if k.partition(".")[2] not in LORA_KEYS or k.partition(".")[0] not in names]
     if unknown:
+        example = next(k for k in names if k.endswith("attn2_to_k"))
         raise CheckpointError(f"{path}: {len(unknown)} keys are not kohya LoRA weights of a layer this SD 1.x model has "
-                              f"(e.g. {unknown[0]}); expected keys such as {next(k for k in names if k.endswith('attn2_to_k'))}.lora_down.weight")
+                              f"(e.g. {unknown[0]}); expected keys such as {example}.lora_down.weight")
     deltas = {}
     for module in sorted({k.partition(".")[0] for k in sd}):
         if f"{module}.lora_down.weight" not in sd or f"{module}.lora_up.weight" not in sd:
@@ -299,8 +302,9 @@ def read_embedding(path):
         (word, rows), = sd.items()
         word = str(word).lower()
     else:
-        raise CheckpointError(f"{path}: not a textual-inversion file (expected one tensor, 'emb_params' or 'string_to_param'"
-                              + ("; clip_l + clip_g is an SDXL embedding" if isinstance(sd, dict) and "clip_g" in sd else "") + ")")
+        sdxl = "; clip_l + clip_g is an SDXL embedding" if isinstance(sd, dict) and "clip_g" in sd else ""
+        raise CheckpointError(f"{path}: not a textual-inversion file "
+                              f"(expected one tensor, 'emb_params' or 'string_to_param'{sdxl})")
     if not isinstance(rows, torch.Tensor) or rows.ndim not in (1, 2) or not rows.is_floating_point():
         raise CheckpointError(f"{path}: its embedding is not a float tensor of shape (tokens, width)")
     return word, rows.float().reshape(-1, rows.shape[-1])
@@ -314,7 +318,10 @@ def add_embedding(model, path):
         family = FAMILIES.get(rows.shape[1], "another model")
         raise CheckpointError(f"{path}: an embedding of width {rows.shape[1]} ({family}); this model's text encoder "
                               f"is {emb.weight.shape[1]} wide")
-    ids = model.tokenizer.add_concept(word, len(rows))  # a word already known is a ValueError
+    try:
+        ids = model.tokenizer.add_concept(word, len(rows))
+    except ValueError as e:  # a word already known (from --run or another embedding), or not a usable word
+        raise CheckpointError(f"{path}: {e}") from None
     assert ids[0] == emb.weight.shape[0], "tokenizer and token table disagree"
     emb.weight = nn.Parameter(torch.cat([emb.weight, rows.to(emb.weight)]), requires_grad=False)
     emb.num_embeddings = emb.weight.shape[0]

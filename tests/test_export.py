@@ -44,7 +44,8 @@ def ours_diffusers_path(name):
     """diffusers' K/V module path -> ours, written out for the tiny test UNet (num_res_blocks 1: 2 blocks per level)."""
     m = re.fullmatch(r"(down|mid|up)_blocks?\.?(\d*)\.attentions\.(\d+)\.(.*)", name)
     kind, level, j, rest = m.group(1), int(m.group(2) or 0), int(m.group(3)), m.group(4)
-    block = {"down": f"input_blocks.{2 * level + j + 1}.1", "mid": "middle_block.1", "up": f"output_blocks.{2 * level + j}.1"}[kind]
+    block = {"down": f"input_blocks.{2 * level + j + 1}.1", "mid": "middle_block.1",
+             "up": f"output_blocks.{2 * level + j}.1"}[kind]
     return f"{block}.{rest}"
 
 
@@ -126,7 +127,8 @@ def test_export_read_back_reproduces_the_run(tiny_ckpt, tmp_path):
                   "a1111": [a1111 / "ann.pt", a1111 / "ben.safetensors"]}
     run_image = np.asarray(Image.open(tmp_path / "run.png"), dtype=np.int16)
     for kind, files in embeddings.items():
-        args = ["--ckpt", str(ckpt), "--lora", str(out / "lora.safetensors"), *(a for f in files for a in ("--embedding", str(f)))]
+        args = ["--ckpt", str(ckpt), "--lora", str(out / "lora.safetensors"),
+                *(a for f in files for a in ("--embedding", str(f)))]
         sample.main([*args, *base, "--out", str(tmp_path / f"{kind}.png")])
         image = np.asarray(Image.open(tmp_path / f"{kind}.png"), dtype=np.int16)
         assert np.abs(image - run_image).max() <= 1, kind  # the same images, up to float summation order
@@ -196,14 +198,16 @@ def test_import_applies_kohya_layers_by_any_name(tiny_ckpt, tmp_path):
     """A 1x1-convolution layer, a text-encoder layer (no alpha: scale 1) and a CompVis-named layer, at --lora-scale 0.5."""
     ckpt, _ = tiny_ckpt
     g = torch.Generator().manual_seed(0)
-    layers = {"lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "input_blocks.1.1.proj_in", (32, 32, 1, 1), 1.0),
-              "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj",
-                                                                       (128, 128), None),
-              "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": ("unet", "middle_block.1.transformer_blocks.0.attn2.to_v",
-                                                                           (64, 128), 8.0)}
+    layers = {  # kohya name: (model, our module path, weight shape, alpha)
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "input_blocks.1.1.proj_in", (32, 32, 1, 1), 1.0),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+            ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", (128, 128), None),
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v":
+            ("unet", "middle_block.1.transformer_blocks.0.attn2.to_v", (64, 128), 8.0)}
     sd = {}
     for key, (_, _, (out, inp, *k), alpha) in layers.items():
-        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = torch.randn(2, inp, *k, generator=g), torch.randn(out, 2, *k, generator=g)
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, inp, *k, generator=g)
+        sd[f"{key}.lora_up.weight"] = torch.randn(out, 2, *k, generator=g)
         if alpha:
             sd[f"{key}.alpha"] = torch.tensor(alpha)
     save_safetensors(sd, tmp_path / "lora.safetensors")
@@ -250,7 +254,8 @@ def test_bad_runs_and_out_folders_are_refused(tiny_ckpt, tmp_path):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == [
         "README.md", "embeddings/c1.safetensors", "embeddings/c2.safetensors", "lora.safetensors"]
     lora = read_state_dict(out / "lora.safetensors")
-    assert {v.dtype for v in lora.values()} == {torch.float16} and all(v.shape[0] == 4 for k, v in lora.items() if k.endswith("lora_down.weight"))
+    assert {v.dtype for v in lora.values()} == {torch.float16}
+    assert all(v.shape[0] == 4 for k, v in lora.items() if k.endswith("lora_down.weight"))
     assert 0 < float(read_metadata(out / "lora.safetensors")["clora.relative_error"]) < 1
 
 
@@ -267,8 +272,8 @@ def test_bad_loras_and_embeddings_are_refused(tiny_ckpt, tmp_path, capsys):
 
     def lora(name, width, extra=()):
         key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-        sd = {f"{key}.lora_down.weight": torch.randn(4, width, generator=g), f"{key}.lora_up.weight": torch.randn(32, 4, generator=g),
-              f"{key}.alpha": torch.tensor(4.0), **{k: torch.zeros(1) for k in extra}}
+        sd = {f"{key}.lora_down.weight": torch.randn(4, width, generator=g), f"{key}.alpha": torch.tensor(4.0),
+              f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), **{k: torch.zeros(1) for k in extra}}
         save_safetensors(sd, tmp_path / name)
         return ["--lora", str(tmp_path / name)]
 
@@ -281,13 +286,15 @@ def test_bad_loras_and_embeddings_are_refused(tiny_ckpt, tmp_path, capsys):
             r"not kohya LoRA weights")
 
     save_safetensors({"<wide>": torch.randn(2, 768)}, tmp_path / "wide.safetensors")
-    refused(sample.main, [*base, "--embedding", str(tmp_path / "wide.safetensors")], r"width 768 \(SD 1\.x\); this model's text encoder is 128 wide")
+    refused(sample.main, [*base, "--embedding", str(tmp_path / "wide.safetensors")],
+            r"width 768 \(SD 1\.x\); this model's text encoder is 128 wide")
     torch.save({"string_to_param": {"*": Payload()}}, tmp_path / "evil.pt")
     refused(sample.main, [*base, "--embedding", str(tmp_path / "evil.pt")], r"evil\.pt: not a plain-tensor file, so not read")
     assert "this ran" not in capsys.readouterr().out
     save_safetensors({"a": torch.randn(2, 128), "b": torch.randn(2, 128)}, tmp_path / "two.safetensors")
     refused(sample.main, [*base, "--embedding", str(tmp_path / "two.safetensors")], r"not a textual-inversion file")
     save_safetensors({"<c1>": torch.randn(2, 128)}, tmp_path / "c1.safetensors")
-    refused(sample.main, [*base, "--embedding", str(tmp_path / "c1.safetensors"), "--embedding", str(tmp_path / "c1.safetensors")],
-            r"concept word '<c1>' is already in the vocabulary")
+    twice = ["--embedding", str(tmp_path / "c1.safetensors")] * 2
+    refused(sample.main, [*base, *twice],
+            r"c1\.safetensors: concept word '<c1>' is already in the vocabulary")
     assert not png.exists()
