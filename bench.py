@@ -8,7 +8,8 @@ Components: text encoder, UNet forward (with its counted FLOPs; MFU given --peak
 one step of a --steps DDIM + classifier-free guidance call as sample.py and diffusers' pipeline run
 it (and its rate in it/s), and, with --train, one C-LoRA training step per batch size given (at task 2:
 a frozen past task, penalty on; rank 16 on every attn2.to_k / to_v) against diffusers + peft LoRA on
-the same layers (no penalty: peft has none).
+the same layers (no penalty: peft has none), then one STAMINA step (clora.py: the same factors gated
+by relaxed masks, sparsity term on) against the same reference, and its cost over C-LoRA's.
 --compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton).
 
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
@@ -153,12 +154,21 @@ def main():
                                      guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
         print(f"# ddim+cfg, {steps} steps: ours {1 / rates[0]:.2f} it/s, ref {1 / rates[1]:.2f} it/s (whole calls, text K/V caching included)")
     if args.train is not None:
-        adapter = add_adapters(text, unet, ref_unet, args.rank)
+        add_peft(ref_unet, args.rank)
+        times = {}
+        for method in ("clora", "stamina"):
+            adapter = add_adapter(text, unet, args.rank, method)
+            for b in args.train or [args.batch]:
+                batch = latents[:1].expand(b, -1, -1, -1).clone(), ctx[:1].expand(b, -1, -1).clone()
+                ours_step, ref_step = train_steps(adapter, run_unet, ref_unet, *batch)
+                name = "train step" if method == "clora" else "stamina step"
+                times[method, b] = compare(f"{name} r{args.rank} b{b}", ours_step, ref_step, device, args.repeats)
+                throughput(f"{name} b{b}", train_steps(adapter, unet, ref_unet, *batch)[0], times[method, b][0], args.peak_tflops)
+            adapter.detach()
         for b in args.train or [args.batch]:
-            batch = latents[:1].expand(b, -1, -1, -1).clone(), ctx[:1].expand(b, -1, -1).clone()
-            ours_step, ref_step = train_steps(adapter, run_unet, ref_unet, *batch)
-            t_step, _ = compare(f"train step r{args.rank} b{b}", ours_step, ref_step, device, args.repeats)
-            throughput(f"train step b{b}", train_steps(adapter, unet, ref_unet, *batch)[0], t_step, args.peak_tflops)
+            (s, s_ref), (c, c_ref) = times["stamina", b], times["clora", b]
+            # The rows ran minutes apart; each against the peft step timed alongside it cancels drift in machine load.
+            print(f"# stamina / clora train step, b{b}: {s / c:.3f} ({(s / s_ref) / (c / c_ref):.3f} as ratios to the peft step timed with each)")
     if args.compile and device.type == "cuda":
         from torch._dynamo.utils import counters
         print(f"# cudagraphs: {counters['inductor']['cudagraph_skips']} graphs ran unrecorded (0: every compiled graph replays as a CUDA graph)")
@@ -189,46 +199,58 @@ def throughput(name, fn, seconds, peak_tflops):
           + (f", MFU {100 * tflops / peak_tflops:.1f}% of {peak_tflops:g}" if peak_tflops else ""), flush=True)
 
 
-def add_adapters(text, unet, ref_unet, rank):
-    """Ours at task 2 (task 1's factors frozen, so that the penalty is really computed) and peft's LoRA
-    on the same layers of the reference. Returns our adapter."""
-    from peft import LoraConfig
-
+def add_adapter(text, unet, rank, method):
+    """Ours at task 2: task 1 frozen (so that C-LoRA's penalty is really computed), STAMINA's masks
+    relaxed at mid-task slope (the sigmoid and its gradient computed, as in most of its training)."""
     from clip_text import Tokenizer
-    from clora import CLoRA
+    from clora import CLoRA, pack_bits, slope
 
-    adapter = CLoRA(unet, text, Tokenizer(), "clora", rank)
+    adapter = CLoRA(unet, text, Tokenizer(), method, rank)
     g = torch.Generator().manual_seed(0)
     past = {"tokens": torch.randn(2, text.cfg.width, generator=g)}
     for name, layer in adapter.kv.items():
-        past[name.replace("/", ".") + ".A"] = 1e-3 * torch.randn(layer.weight.shape[0], rank, generator=g)
-        past[name.replace("/", ".") + ".B"] = 1e-3 * torch.randn(rank, layer.weight.shape[1], generator=g)
+        key = name.replace("/", ".")
+        past[key + ".A"] = 1e-3 * torch.randn(layer.weight.shape[0], rank, generator=g)
+        past[key + ".B"] = 1e-3 * torch.randn(rank, layer.weight.shape[1], generator=g)
+        if method == "stamina":
+            past[key + ".M"] = pack_bits(torch.rand(layer.weight.shape, generator=g) < 0.5)
     adapter.load_task("<past>", past)
     adapter.start_task("<new>")
-    ref_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=["attn2.to_k", "attn2.to_v"]))
-    assert sum(p.requires_grad for p in ref_unet.parameters()) == 2 * len(adapter.kv)  # the same layers, A and B each
+    if method == "stamina":
+        adapter.set_slope(slope(50, 100, adapter.hardening))
     return adapter
 
 
+def add_peft(ref_unet, rank):
+    """peft's LoRA on the reference's attn2.to_k / to_v, the layers ours adapts."""
+    from peft import LoraConfig
+
+    ref_unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["attn2.to_k", "attn2.to_v"]))
+    assert sum(p.requires_grad for p in ref_unet.parameters()) == 2 * sum(  # A and B on each of the same layers
+        n.endswith(("attn2.to_k", "attn2.to_v")) for n, _ in ref_unet.named_modules())
+
+
 def train_steps(adapter, run_unet, ref_unet, latents, ctx):
-    """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty for ours), backward, AdamW."""
+    """One optimisation step each: UNet forward, MSE (+ C-LoRA's penalty, or STAMINA's sparsity term,
+    for ours), backward, AdamW."""
     t = torch.full((len(latents),), 500, device=latents.device)
     noise = torch.randn_like(latents)
 
-    def step(model, params, penalty):
+    def step(model, params, regularizer):
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def run():
             pred = model(latents, t, ctx)
-            loss = F.mse_loss((pred if torch.is_tensor(pred) else pred.sample).float(), noise.float()) + 1e8 * penalty()
+            loss = F.mse_loss((pred if torch.is_tensor(pred) else pred.sample).float(), noise.float()) + regularizer()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return run
 
     ref_params = [p for p in ref_unet.parameters() if p.requires_grad]
-    return step(run_unet, adapter.trainable(), adapter.penalty), step(ref_unet, ref_params, lambda: 0.0)
+    reg = (lambda: 1e-2 * adapter.sparsity()) if adapter.hardening else (lambda: 1e8 * adapter.penalty())
+    return step(run_unet, adapter.trainable(), reg), step(ref_unet, ref_params, lambda: 0.0)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ available, so this is a RECONSTRUCTION; every choice marked (R) is ours, not the
        or   1[L_t > 0] forward, the gradient of sigmoid(L_t) backward  (`ste`, straight-through)     (R)
     H_t   = 1[L_t > 0]: the binary mask every finished task folds with, stored as bits              (R)
     loss  = || eps - eps_theta ||^2 + rho * mean over all masked entries of sigmoid(s L_t)          (R)
-    e_t   = z_t + W2 gelu(W1 z_t)   the concept's n token rows; z_t: (n, width), W2 = 0 at init,
-            folded into plain embedding rows when the task ends ("customized MLP tokens")            (R)
+    e_t   = z_t + W2 gelu(W1 z_t + b1) + b2   the concept's n token rows; z_t: (n, width), W2 = b2 = 0
+            at init; folded into plain embedding rows when the task ends ("customized MLP tokens")   (R)
 
 "Low-rank MLP" (R): column j of L is a two-layer MLP of hidden width m over the one-hot index of
 input j (first layer V, tanh, second layer U, bias b), so rank(L) <= m + 1 and the mask costs

@@ -1,8 +1,9 @@
-"""Learn concepts one task at a time into one SD 1.x model, with C-LoRA (or a baseline), keeping
-every earlier concept and no old photo.
+"""Learn concepts one task at a time into one SD 1.x model, with C-LoRA (or STAMINA, or a baseline),
+keeping every earlier concept and no old photo.
 
     python train.py --task 3 --data data/faces --run runs/faces --ckpt weights/v1-5-pruned-emaonly.safetensors
     python train.py --task 1 --data data/faces --run runs/faces-lora --method lora
+    python train.py --task 3 --data data/faces --run runs/faces-st --method stamina --no-mlp-tokens   # an ablation
     python train.py --task 2 --data data/faces --run runs/faces --overwrite      # retrain task 2 only
 
 `--data` holds one folder of images per concept; sorted folder order is the task order and the

@@ -156,5 +156,5 @@ def test_bench_prints_every_row():
                          cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
     rows = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line and not line.startswith("#")]
     assert rows == ["component ours", "text encoder", "unet forward", "vae decode", "ddim+cfg step",
-                    "train step", "train step"], out
-    assert out.count("TFLOP/s") == 4 and "it/s" in out
+                    "train step", "train step", "stamina step", "stamina step"], out
+    assert out.count("TFLOP/s") == 6 and "it/s" in out and out.count("# stamina / clora train step") == 2
