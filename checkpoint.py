@@ -6,12 +6,13 @@
 
 Every failure is a `CheckpointError` whose message is one line saying what is wrong and what to do.
 """
+import errno
 import hashlib
 import json
 import mmap
 import os
+import secrets
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -109,19 +110,37 @@ def sha256(path):
 @contextmanager
 def atomic_write(path):
     """Yield a temp path beside `path`; move it onto `path` only if the block completes. A crash at
-    any moment leaves either the old file or the new one, never half of one."""
+    any moment leaves either the old file or the new one, never half of one; the temp file is named
+    `.NAME.*.tmp`, so that the next run can tell an interrupted write's leftover (`stale_temps`).
+    The file gets the umask's permissions like any other (0o666 & ~umask), and the folder is fsynced
+    after the rename, so the new name survives a power cut too. A failure to write (no space,
+    read-only, permission) is one CheckpointError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        hint = ("free some space and run again" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "check that the folder exists and is writable, or write elsewhere")
+        raise CheckpointError(f"{path}: cannot write it ({e.strerror or e}); {hint}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def stale_temps(folder):
+    """Leftovers of atomic writes that a kill interrupted (never the file they were to replace)."""
+    return sorted(Path(folder).glob(".*.*.tmp"))
 
 
 def save_safetensors(tensors, path, metadata=None):

@@ -132,8 +132,10 @@ class Tokenizer:
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
     def __call__(self, texts):
-        """List of strings -> (B, 77) int64 ids, SD 1.x style (padded with the end token)."""
+        """A string or a list of strings -> (B, 77) int64 ids, SD 1.x style (padded with the end token).
+        A string is one text, never iterated as a list of one-character texts."""
         start, end, n = self.encoder[START], self.encoder[END], self.context_length
+        texts = [texts] if isinstance(texts, str) else texts
         rows = [[start, *self.encode(t)[: n - 2], end] for t in texts]
         return torch.tensor([r + [end] * (n - len(r)) for r in rows], dtype=torch.long)
 
