@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, read_state_dict, sha256
+from checkpoint import CheckpointError, read_metadata, read_state_dict, sha256
 
 TARGETS = ("attn2.to_k", "attn2.to_v")
 # method -> (delta: "lowrank" | "full" | None, penalty on?)
@@ -421,22 +421,56 @@ def task_file(run_dir, task):
     return Path(run_dir) / f"task_{task:02d}.safetensors"
 
 
+RUN_FIELDS = ("base_checkpoint", "base_sha256", "method", "rank", "tasks")  # what every run.json holds
+
+
 def read_run(run_dir):
-    path = Path(run_dir) / "run.json"
+    """A run folder's run.json, refused in one line naming it when it is not one train.py wrote."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if run_dir.is_file():
+        raise CheckpointError(f"{run_dir}: a file, not a run folder; pass the folder train.py --run wrote")
     if not path.exists():
         raise CheckpointError(f"{run_dir}: no run.json, so not a train.py run folder")
-    return json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the file train.py wrote") from None
+    tasks = run.get("tasks") if isinstance(run, dict) else None
+    if (not isinstance(tasks, list) or any(k not in run for k in RUN_FIELDS) or run["method"] not in METHODS
+            or not all(isinstance(t, dict) and isinstance(t.get("task"), int) and isinstance(t.get("word"), str) for t in tasks)):
+        raise CheckpointError(f"{path}: incomplete or not train.py's (it needs {', '.join(RUN_FIELDS)}, a known method "
+                              "and a task number and word per task); restore the file train.py wrote")
+    return run
+
+
+def read_task(run_dir, record, method):
+    """The tensors of one finished task, checked against what run.json records of it: the file's
+    metadata names its task, word and method, and run.json holds its digest. A swapped, edited or
+    foreign file is refused in one line (runs and files written before either existed skip that check)."""
+    path = task_file(run_dir, record["task"])
+    tensors = read_state_dict(path)
+    meta = read_metadata(path)
+    says = {"task": str(record["task"]), "word": record["word"], "method": method}
+    if any(k in meta and meta[k] != v for k, v in says.items()):
+        held = " ".join(f"{k} {meta.get(k, '?')}" for k in says)
+        raise CheckpointError(f"{path}: holds {held}, but run.json records task {record['task']} {record['word']} "
+                              f"({method}); put the run's own file back")
+    if "sha256" in record and sha256(path) != record["sha256"]:
+        raise CheckpointError(f"{path}: not the file this run wrote for task {record['task']} {record['word']} "
+                              "(its digest differs from run.json's); put the run's own file back")
+    return tensors
 
 
 def load_run(run_dir, model, ckpt):
     """Every task of a train.py run, folded into `model` (a StableDiffusion loaded from `ckpt`) for
-    sampling. The base checkpoint must be the run's own: its fingerprint is checked."""
+    sampling. The base checkpoint must be the run's own: its fingerprint is checked; so is every task file."""
     run = read_run(run_dir)
     if sha256(ckpt) != run["base_sha256"]:
         raise CheckpointError(f"{ckpt} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']})")
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
     for t in run["tasks"]:
-        adapter.load_task(t["word"], read_state_dict(task_file(run_dir, t["task"])))
+        adapter.load_task(t["word"], read_task(run_dir, t, run["method"]))
     adapter.fold()
     return adapter.words
 

@@ -38,6 +38,8 @@ SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
                  "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"}
 EMA_PREFIX = "model_ema."
+# DDIM steps at most: its timesteps (stride 1000 // steps, offset 1) must stay below SD's 1000 training steps.
+MAX_STEPS = 999
 
 
 def alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
@@ -146,6 +148,12 @@ def save_png(image, path):
         image.save(tmp, format="PNG")
 
 
+def size_multiple(model):
+    """What an image side must be a multiple of: the VAE's downsampling times the UNet's, which halves
+    the latent at every level but the last."""
+    return model.vae.cfg.downsample * 2 ** (len(model.unet.cfg.channel_mult) - 1)
+
+
 def find_checkpoint(ckpt):
     """--ckpt, else the first SD checkpoint in weights/, else the embedded tiny model (saying so)."""
     if ckpt:
@@ -180,8 +188,19 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet, Triton-free (cudagraphs on CUDA)")
     args = p.parse_args(argv)
-    if not 1 <= args.steps <= 1000 or args.n < 1:
-        p.error("--steps must be in 1..1000 and --n at least 1")
+    # Every range before any work, each a line of its own.
+    out = Path(args.out)
+    for bad, says in [(not 1 <= args.steps <= MAX_STEPS, f"--steps {args.steps}: must be in 1..{MAX_STEPS}"),
+                      (args.n < 1, f"--n {args.n}: must be >= 1"),
+                      (args.size is not None and args.size <= 0, f"--size {args.size}: must be positive"),
+                      (not math.isfinite(args.cfg), f"--cfg {args.cfg}: must be finite"),
+                      (not math.isfinite(args.lora_scale), f"--lora-scale {args.lora_scale}: must be finite"),
+                      (out.is_dir(), f"--out {out}: a folder; name the .png file to write"),
+                      (out.suffix.lower() != ".png", f"--out {out}: sample.py writes PNG; name it .png"),
+                      (args.run is not None and not Path(args.run).is_dir(),
+                       f"--run {args.run}: not a folder; pass a train.py run folder")]:
+        if bad:
+            sys.exit(f"error: {says}")
     try:
         path = find_checkpoint(args.ckpt or (read_run(args.run)["base_checkpoint"] if args.run else None))
         print(f"loading {path}")
@@ -194,9 +213,10 @@ def main(argv=None):
         check_concept_words([args.prompt, args.negative], words)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    args.size = args.size or model.resolution
-    f = model.vae.cfg.downsample
-    multiple = f * 2 ** (len(model.unet.cfg.channel_mult) - 1)  # the UNet halves the latent at every level but the last
+    except OSError as e:  # a file that cannot be read: named
+        sys.exit(f"error: {e.filename}: {e.strerror or e}")
+    args.size = model.resolution if args.size is None else args.size
+    f, multiple = model.vae.cfg.downsample, size_multiple(model)
     if args.size % multiple:
         sys.exit(f"error: --size must be a multiple of {multiple} for this model (e.g. {max(multiple, args.size // multiple * multiple)})")
     cond = model.encode_text([args.prompt] * args.n)
@@ -206,7 +226,10 @@ def main(argv=None):
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     unet = compile_unet(model.unet, args.device) if args.compile else model.unet
     latents = ddim_sample(unet, cond, uncond, noise, args.steps, args.cfg, progress=True)
-    save_png(image_grid(model.decode(latents)), args.out)
+    try:
+        save_png(image_grid(model.decode(latents)), args.out)
+    except CheckpointError as e:  # no space, read-only, permission: atomic_write's line names the file
+        sys.exit(f"error: {e}")
     print(f"wrote {args.out}")
 
 
