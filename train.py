@@ -17,10 +17,17 @@ With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 """
 import argparse
+import fcntl
+import hashlib
 import json
+import math
+import os
 import random
 import re
+import socket
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import world
-from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256
-from clora import HARDENING, METHODS, CLoRA, slope, task_file
-from sample import DTYPES, StableDiffusion, alphas_cumprod, compile_unet, ddim_sample, find_checkpoint, image_grid, save_png
+from checkpoint import (CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256,
+                        stale_temps)
+from clora import HARDENING, METHODS, CLoRA, read_run, read_task, slope, task_file
+from sample import (DTYPES, MAX_STEPS, StableDiffusion, alphas_cumprod, compile_unet, ddim_sample, find_checkpoint, image_grid, save_png,
+                    size_multiple)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # No class word: the concept word alone carries the identity (the paper's setting).
@@ -57,6 +66,10 @@ SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr", "
 STAMINA = ("mask_lr", "sparsity", "hardening")  # settings of --method stamina alone, defaulted per model too
 WORLD_DATA = Path(f"data/world-v{world.VERSION}")  # versioned: a folder of another world's images is never reused
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+# What a task's result depends on besides its task, word, data, base and earlier tasks: a partial
+# checkpoint records them all and is resumed only under the same (`resume_state`).
+PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "seed", "dtype", "mask_lr",
+                "sparsity", "hardening", "mask", "mlp_tokens")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity")
 
@@ -70,28 +83,56 @@ class TrainError(Exception):
 
 
 def concepts(data):
-    """Sorted concept folders -> [(word, folder)], `03_alice` -> `<alice>`."""
+    """Sorted concept folders -> [(word, folder)], `03_alice` -> `<alice>`. Hidden folders
+    (`.ipynb_checkpoints`, `.git`, ...) are not concepts; two folders giving one word are refused."""
     data = Path(data)
     if not data.is_dir():
         raise TrainError(f"--data {data}: no such folder (it should hold one folder of images per concept)")
-    folders = sorted(p for p in data.iterdir() if p.is_dir())
+    folders = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise TrainError(f"--data {data}: no concept folders in it")
-    return [(f"<{re.sub(r'^[0-9]+[_-]', '', f.name).lower().replace(' ', '_')}>", f) for f in folders]
+    stream, seen = [], {}
+    for f in folders:
+        word = "<" + re.sub(r"\s", "_", re.sub(r"^[0-9]+[_-]", "", f.name).lower()) + ">"
+        if not re.fullmatch(r"<[^<>\s]+>", word):
+            raise TrainError(f"--data {f}: the folder name gives no concept word; rename it (e.g. 03_alice)")
+        if word in seen:  # lower-cased above: `02_Alice` is `<alice>` too
+            raise TrainError(f"--data {data}: folders {seen[word].name} and {f.name} both give the word {word}; rename one")
+        seen[word] = f
+        stream.append((word, f))
+    return stream
+
+
+def to_rgb(im):
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit grayscale scaled to 8 bits (a plain convert clips
+    them to white), transparency composited on white, palette and CMYK converted."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # what PIL opens 16-bit grayscale files as
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    elif im.mode == "F":  # float images: taken as [0, 1]
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) * 255).clip(0, 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
 
 
 def load_images(folder, res):
     """Every image of a folder, any size or mode, EXIF-rotated, resized and centre-cropped to res,
-    as (n, 3, res, res) in [-1, 1]."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    as (n, 3, res, res) in [-1, 1]. Hidden files (`._x.png` of macOS) are skipped; an image over PIL's
+    size bound (Image.MAX_IMAGE_PIXELS, a decompression bomb's defence) is refused before it is decoded."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise TrainError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     out = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                out.append(np.asarray(ImageOps.fit(im, (res, res), Image.BICUBIC)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the bound, not only over twice it
+                with Image.open(f) as im:
+                    im = to_rgb(ImageOps.exif_transpose(im))
+                    out.append(np.asarray(ImageOps.fit(im, (res, res), Image.BICUBIC)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise TrainError(f"{f}: too large to read safely ({e}); shrink it below {Image.MAX_IMAGE_PIXELS} pixels") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise TrainError(f"{f}: not a readable image ({type(e).__name__}); remove or replace it") from None
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -102,29 +143,87 @@ def load_images(folder, res):
 
 
 def write_json(obj, path):
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
+    with atomic_write(path) as tmp:  # allow_nan=False: a bare NaN is not JSON; finite() guards what gets here
+        Path(tmp).write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def open_run(run_dir, settings):
     """The run's description, created on first use; a run never mixes base checkpoints or methods."""
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
+    if not (Path(run_dir) / "run.json").exists():
         return {**settings, "tasks": []}
-    run = json.loads(path.read_text())
+    run = read_run(run_dir)
     for k in RUN_KEYS:
         if run.get(k) != settings.get(k):
             what = "base checkpoint" if k == "base_sha256" else k
-            raise TrainError(f"{path}: this run was made with {what} {run.get(k)!r}, not {settings.get(k)!r}; "
-                             "use the same one or start a new --run folder")
+            raise TrainError(f"{Path(run_dir) / 'run.json'}: this run was made with {what} {run.get(k)!r}, not "
+                             f"{settings.get(k)!r}; use the same one or start a new --run folder")
     return run
+
+
+@contextmanager
+def run_lock(run_dir):
+    """One train.py per run folder: an flock on `.lock`, which holds the holder's pid and host. The
+    kernel drops the lock when its process dies however it dies, so a stale file (after a kill -9) is
+    simply locked again; the file is unlinked while still locked, and a lock taken on a file that was
+    meanwhile unlinked is retried. Creating it is also the check that the folder is writable, before
+    any training."""
+    path, created = run_dir / ".lock", not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = Path(path).read_text().strip() or "another process"
+                os.close(fd)
+                raise TrainError(f"{run_dir}: in use by train.py ({holder}); wait for it to finish, or use another --run") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder unlinked it between our open and our lock: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError as e:
+        raise TrainError(f"{run_dir}: cannot write in the run folder ({e.strerror}); make it writable or use another --run") from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created and not any(run_dir.iterdir()):  # a new run refused before its first file leaves no folder
+            run_dir.rmdir()
 
 
 # ------------------------------------------------------------------------------------------------
 # Training one task
 
 
-def train_task(model, adapter, word, images, args, task, run_dir):
+def resume_state(partial, trained_with, task):
+    """The partial checkpoint of a task in training, if it was trained with exactly `trained_with`;
+    otherwise it is discarded, said in one line: resuming it would mix two settings in one task."""
+    if not partial.exists():
+        return None
+    try:
+        saved = json.loads(read_metadata(partial).get("trained_with", "{}"))
+        state = read_state_dict(partial)
+    except (CheckpointError, ValueError):
+        saved, state = {"partial checkpoint": "unreadable"}, None
+    now = json.loads(json.dumps(trained_with))  # as the file holds it (JSON), so equal settings compare equal
+    if saved == now:
+        return state
+    diff = [f"{k} {saved.get(k, 'unrecorded')!r}, now {now.get(k)!r}" for k in {**saved, **now} if saved.get(k) != now.get(k)]
+    print(f"task {task}: its partial checkpoint was trained with other settings ({'; '.join(diff)}); restarting the task")
+    partial.unlink()
+    return None
+
+
+def finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
+    """Train one task; `trained_with` (every setting the result depends on) goes into the partial
+    checkpoint, which is resumed only under the very same settings."""
     device, vae = args.device, model.vae
     unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
     g = torch.Generator().manual_seed(args.seed * 1000 + task)
@@ -134,8 +233,8 @@ def train_task(model, adapter, word, images, args, task, run_dir):
                              {"params": groups["tokens"], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
     partial = Path(run_dir) / f"task_{task:02d}.partial.safetensors"
     start = 0
-    if partial.exists():  # resume after a crash: factors, tokens, optimizer moments and the step
-        state = read_state_dict(partial)
+    state = resume_state(partial, trained_with, task)
+    if state is not None:  # resume after a crash: factors, tokens, optimizer moments and the step
         start = int(state["step"])
         with torch.no_grad():
             for i, p in enumerate(adapter.trainable()):
@@ -143,6 +242,9 @@ def train_task(model, adapter, word, images, args, task, run_dir):
                 opt.state[p] = {k: state[f"adam.{i:04d}.{k}"].clone().to(p.device) for k in ADAM_STATE}
         g.set_state(state["generator"])
         print(f"task {task}: resuming at step {start}")
+    # What stops a task whose loss or weights stop being finite: a NaN is never saved.
+    stop = (f"task {task} {word}: the loss or the weights are no longer finite at step {{}}; stopped before saving them "
+            f"(lower --lr, now {args.lr:g}, or --token-lr / --lam, and run again)")
 
     # VAE latents of the few images (and their mirror images) once per task, as distribution parameters.
     with torch.no_grad():
@@ -170,19 +272,25 @@ def train_task(model, adapter, word, images, args, task, run_dir):
         loss = mse + lam * adapter.penalty() if lam else mse
         if rho:
             loss = loss + rho * adapter.sparsity()
+        mse_value, loss_value = torch.stack([mse.detach(), loss.detach()]).tolist()
+        if not math.isfinite(loss_value):
+            raise TrainError(stop.format(step + 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{mse.item():.4f}")
+        bar.set_postfix(loss=f"{mse_value:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            if not finite(adapter.trainable()):
+                raise TrainError(stop.format(step + 1))
             # One file: parameters, AdamW moments, step and random state, so a resume is exact.
             state = {"step": torch.tensor(step + 1), "generator": g.get_state()}
             for i, p in enumerate(adapter.trainable()):
                 state[f"param.{i:04d}"] = p
                 state.update({f"adam.{i:04d}.{k}": opt.state[p][k] for k in ADAM_STATE})
-            save_safetensors(state, partial)
+            save_safetensors(state, partial, metadata={"trained_with": json.dumps(trained_with)})
     adapter.set_slope(None)  # the hard masks from here on: what is stored and folded
-    return partial
+    if not finite(adapter.trainable()):
+        raise TrainError(stop.format(args.steps))
 
 
 @torch.no_grad()
@@ -232,6 +340,8 @@ def main(argv=None):
         run(args)
     except (TrainError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a file that cannot be read or written, named (writes say so themselves: atomic_write)
+        sys.exit(f"error: {e.filename or args.run}: {e.strerror or e}")
 
 
 def resolve_defaults(args, ckpt):
@@ -251,6 +361,22 @@ def resolve_defaults(args, ckpt):
     args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
 
 
+def check_args(args):
+    """Every range, before any work: a bad value is one line, never a traceback halfway through."""
+    ok = lambda x: x is None or (math.isfinite(x) and x >= 0)  # noqa: E731  (None: the model's default)
+    rules = [("task", args.task >= 1, "a task number, from 1"), ("steps", args.steps is None or args.steps >= 1, ">= 1"),
+             ("rank", args.rank is None or args.rank >= 1, ">= 1"), ("tokens", args.tokens >= 1, ">= 1"),
+             ("batch", args.batch is None or args.batch >= 1, ">= 1"), ("save-every", args.save_every >= 0, ">= 0 (0: never)"),
+             ("grid-steps", args.grid_steps is None or 1 <= args.grid_steps <= MAX_STEPS, f"in 1..{MAX_STEPS}"),
+             ("res", args.res is None or (args.res > 0 and args.res % 8 == 0), "a positive multiple of 8"),
+             ("lr", ok(args.lr), "finite and >= 0"), ("token-lr", ok(args.token_lr), "finite and >= 0"),
+             ("lam", ok(args.lam), "finite and >= 0"), ("mask-lr", ok(args.mask_lr), "finite and >= 0"),
+             ("cfg", args.cfg is None or math.isfinite(args.cfg), "finite")]
+    for name, good, what in rules:
+        if not good:
+            raise TrainError(f"--{name} {getattr(args, name.replace('-', '_'))}: must be {what}")
+
+
 def check_stamina(args):
     """STAMINA's flags with another method, or a negative sparsity weight, are errors, not ignored."""
     given = [f"--{k.replace('_', '-')}" for k in STAMINA if getattr(args, k) is not None]
@@ -262,6 +388,7 @@ def check_stamina(args):
 
 
 def run(args):
+    check_args(args)
     check_stamina(args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -269,6 +396,8 @@ def run(args):
     if not ckpt.is_file():
         raise TrainError(f"--ckpt {ckpt}: no such file")
     resolve_defaults(args, ckpt)
+    if Path(args.run).exists() and not Path(args.run).is_dir():
+        raise TrainError(f"--run {args.run}: a file, not a folder; pass a run folder (new or existing)")
     stream = concepts(args.data)
     if not 1 <= args.task <= len(stream):
         raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
@@ -277,6 +406,13 @@ def run(args):
     if args.method == "stamina":
         settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity)
     run_dir = Path(args.run)
+    with run_lock(run_dir):
+        for tmp in stale_temps(run_dir):  # what a kill in the middle of an atomic write left; the lock is ours
+            tmp.unlink()
+        train_run(args, ckpt, stream, settings, run_dir)
+
+
+def train_run(args, ckpt, stream, settings, run_dir):
     state = open_run(run_dir, settings)
     done = {t["task"]: t for t in state["tasks"]}
     later = [t for t in done if t > args.task]
@@ -286,31 +422,51 @@ def run(args):
     # Every image of every task to train is read (and checked) before anything is trained or written.
     images = {t: load_images(stream[t - 1][1], args.res) for t in to_train}
     model = StableDiffusion.load(ckpt, args.device, torch.float32)
+    if args.res % size_multiple(model):
+        raise TrainError(f"--res {args.res}: must be a multiple of {size_multiple(model)} for this model")
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank, args.mask, args.mlp_tokens,
                     args.hardening)
     for task, (word, folder) in enumerate(stream[: args.task], start=1):
+        grid, partial = run_dir / f"grid_task_{task:02d}.png", run_dir / f"task_{task:02d}.partial.safetensors"
         if task not in to_train:
             if done[task]["word"] != word:
                 raise TrainError(f"task {task} of the run is {done[task]['word']}, but the data's folder {task} is {word}")
-            adapter.load_task(word, read_state_dict(task_file(run_dir, task)))
+            try:
+                adapter.load_task(word, read_task(run_dir, done[task], args.method))
+            except ValueError as e:
+                raise TrainError(f"{task_file(run_dir, task)}: {e}") from None
             print(f"task {task} {word}: kept from the run")
+            partial.unlink(missing_ok=True)  # a kill between run.json and its removal
+            if not grid.exists():  # a kill between run.json and the task's grid
+                sample_grid(model, adapter.words, args, grid)
             continue
         print(f"task {task} {word}: training ({args.method}, {args.steps} steps)"
               + ("" if task == args.task else f", since the run lacks it and --task is {args.task}"))
-        partial = train_task(model, adapter, word, images.pop(task), args, task, run_dir)
-        save_safetensors(adapter.task_tensors(), task_file(run_dir, task), metadata={"word": word, "task": task})
-        norms = adapter.delta_norms()
+        if args.overwrite and task == args.task and partial.exists():
+            print(f"task {task}: --overwrite discards its partial checkpoint")
+            partial.unlink()
+        pixels = images.pop(task)
+        trained_with = {"task": task, "word": word, "data": hashlib.sha256(pixels.numpy().tobytes()).hexdigest(),
+                        "base_sha256": settings["base_sha256"], "past": [done[t].get("sha256") for t in range(1, task)],
+                        **{k: getattr(args, k) for k in PARTIAL_KEYS}}
+        train_task(model, adapter, word, pixels, args, task, run_dir, trained_with)
+        tensors, norms = adapter.task_tensors(), adapter.delta_norms()
+        if not (finite(tensors.values()) and all(map(math.isfinite, norms.values()))):
+            raise TrainError(f"task {task} {word}: its weights overflow (delta norm {norms['total']}); stopped before "
+                             f"saving them (lower --lr, now {args.lr:g}, and run again)")
+        path = task_file(run_dir, task)
+        save_safetensors(tensors, path, metadata={"word": word, "task": task, "method": args.method})
         record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
-                  "token_lr": args.token_lr, "lam": args.lam, "file": task_file(run_dir, task).name, "delta_norm": norms}
+                  "token_lr": args.token_lr, "lam": args.lam, "file": path.name, "sha256": sha256(path), "delta_norm": norms}
         if args.method == "stamina":
             record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())
-        state["tasks"] = [t for t in state["tasks"] if t["task"] != task] + [record]
-        state["tasks"].sort(key=lambda t: t["task"])
+        done[task] = record
+        state["tasks"] = [done[t] for t in sorted(done)]
         write_json(state, run_dir / "run.json")
         partial.unlink(missing_ok=True)
         print(f"task {task} {word}: delta norm {norms['total']:.4g} (K {norms['to_k']:.4g}, V {norms['to_v']:.4g})")
         adapter.finish_task()
-        sample_grid(model, adapter.words, args, run_dir / f"grid_task_{task:02d}.png")
+        sample_grid(model, adapter.words, args, grid)
     print(f"run {run_dir} holds tasks 1-{args.task}: {' '.join(adapter.words)}")
 
 
