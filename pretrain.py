@@ -5,10 +5,12 @@ original-layout .safetensors that sample.py and train.py load by the same code p
     python pretrain.py                                  # resumable: rerun after a kill to continue
     python pretrain.py --vae-steps 200 --unet-steps 500 --out /tmp/tiny.safetensors   # a quick try
 
-Stage 1 trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
+Stage 1a trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
 and GAN losses, which flat cartoon colours do not need). SD's VAE is a general image codec, so this
 one is too: half of its batches carry random shapes in random colours over the base images, so it
-can encode what the UNet has never seen (a concept's neon mark). Stage 2 trains the text encoder
+can encode what the UNet has never seen (a concept's neon mark). Stage 1b refines the decoder alone
+on saturated colours, which uniformly random ones almost never are, with the encoder frozen (as
+Stability's sd-vae-ft-mse refined SD's decoder). Stage 2 trains the text encoder
 (with the real CLIP BPE tokenizer) and the UNet together on the cached latents of a fixed pool of
 captioned base images (no marks, no neon colour), noise-prediction MSE on SD's own schedule, 10%
 empty captions for classifier-free guidance, a cosine learning-rate decay and an EMA of the weights.
@@ -43,9 +45,11 @@ VAE_CFG = VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)  # 64x64x3 image
 OUT = Path(__file__).parent / "weights" / "embedded" / "tiny_sd.safetensors"
 
 
-def scribble(images, g):
+def scribble(images, g, saturated=False):
     """A copy of (N, H, W, 3) uint8 images with 1-3 random rectangles / discs in uniformly random
-    colours on each: the VAE's extra data, so that it encodes any colour and shape."""
+    colours on each: the VAE's extra data, so that it encodes any colour and shape. `saturated`: half
+    of the shapes in a random hue at full saturation (one channel 255, one 0), which uniform colours
+    almost never are."""
     x = images.clone()
     n, H, W, _ = x.shape
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -55,6 +59,12 @@ def scribble(images, g):
         inside = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, inside, ((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx))
         keep = torch.rand(n, 1, 1, generator=g) < 0.7
         colour = torch.randint(0, 256, (n, 1, 1, 3), generator=g, dtype=torch.uint8)
+        if saturated:
+            hue = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+            full = torch.stack([torch.full_like(hue, 255), hue, torch.zeros_like(hue)], -1)  # then permuted per image
+            perm = torch.argsort(torch.rand(n, 3, generator=g), 1)
+            full = torch.gather(full, 1, perm)[:, None, None]
+            colour = torch.where(torch.rand(n, 1, 1, 1, generator=g) < 0.5, full, colour)
         x = torch.where((inside & keep)[..., None], colour, x)
     return x
 
@@ -73,16 +83,23 @@ def save_state(state, path):
         torch.save(state, tmp)
 
 
-def train_vae(vae, images, args, state, state_path):
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    if "vae_opt" in state:
-        opt.load_state_dict(state["vae_opt"])
-    g = torch.Generator().manual_seed(args.seed)
-    g.manual_seed(args.seed + state["vae_step"])  # a resumed run continues with fresh but reproducible batches
+def train_vae(vae, images, args, state, state_path, stage="vae"):
+    """Stage 1a ("vae"): the whole VAE, half of every batch scribbled over. Stage 1b ("decoder"): the
+    decoder alone, its scribbles half in saturated hues; the encoder is frozen, so the latents stay
+    as they were."""
+    steps, lr = (args.vae_steps, args.vae_lr) if stage == "vae" else (args.decoder_steps, args.vae_lr / 2)
+    vae.requires_grad_(True)
+    if stage == "decoder":
+        for m in (vae.encoder, vae.quant_conv):
+            m.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if f"{stage}_opt" in state:
+        opt.load_state_dict(state[f"{stage}_opt"])
+    g = torch.Generator().manual_seed(args.seed + state[f"{stage}_step"] + (0 if stage == "vae" else 10**7))
     t0 = time.time()
-    for step in range(state["vae_step"], args.vae_steps):
+    for step in range(state[f"{stage}_step"], steps):
         x = images[torch.randint(len(images), (args.vae_batch,), generator=g)]
-        x = torch.cat([x[: len(x) // 2], scribble(x[len(x) // 2:], g)])
+        x = torch.cat([x[: len(x) // 2], scribble(x[len(x) // 2:], g, saturated=stage == "decoder")])
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         mean, logvar = vae.encode(x)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
@@ -93,9 +110,9 @@ def train_vae(vae, images, args, state, state_path):
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
-            print(f"vae {step + 1}/{args.vae_steps} loss {loss.item():.4f} kl {kl.item():.1f} ({time.time() - t0:.0f} s)", flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
-            state.update(vae_step=step + 1, vae=vae.state_dict(), vae_opt=opt.state_dict())
+            print(f"{stage} {step + 1}/{steps} loss {loss.item():.4f} kl {kl.item():.1f} ({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            state.update({f"{stage}_step": step + 1, "vae": vae.state_dict(), f"{stage}_opt": opt.state_dict()})
             save_state(state, state_path)
 
 
@@ -159,7 +176,7 @@ def export(text, unet, vae, scale, path, args):
         sd.update({m.PREFIX + k: v.detach().half() for k, v in m.state_dict().items()})
     meta = {"model": MODEL_NAME, "world": str(world.VERSION), "unet.num_heads": unet.cfg.num_heads, "vae.scale_factor": f"{scale:.6f}",
             "resolution": world.SIZE,
-            "made_by": f"python pretrain.py --pool {args.pool} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --seed {args.seed}"
+            "made_by": f"python pretrain.py --pool {args.pool} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --decoder-steps {args.decoder_steps} --seed {args.seed}"
                        + (f" --vae-init {args.vae_init}" if args.vae_init else "")}
     save_safetensors(sd, path, metadata=meta)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {json.dumps(meta)}")
@@ -176,6 +193,7 @@ def main():
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--vae-init", help="an original-layout tiny checkpoint whose VAE to start from (default: random)")
     p.add_argument("--unet-steps", type=int, default=7000)
+    p.add_argument("--decoder-steps", type=int, default=300, help="stage 1b: the decoder alone, on saturated colours")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
@@ -200,12 +218,15 @@ def main():
         vae = VAE.from_checkpoint(read_state_dict(args.vae_init)).float()  # its config read off the shapes
     unet, vae = (m.to(memory_format=torch.channels_last) for m in (unet, vae))  # the layout the models run in
     state_path = args.work / f"state_world{world.VERSION}_{args.seed}.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.exists() else {"vae_step": 0, "unet_step": 0}
+    state = {"vae_step": 0, "unet_step": 0, "decoder_step": 0}
+    if state_path.exists():
+        state.update(torch.load(state_path, weights_only=False))
     for key, m in (("vae", vae), ("text", text), ("unet", unet)):
         if key in state:
             m.load_state_dict(state[key])
-    print(f"state: vae step {state['vae_step']}, unet step {state['unet_step']}")
+    print(f"state: vae step {state['vae_step']}, unet step {state['unet_step']}, decoder step {state['decoder_step']}")
     train_vae(vae.train(), images, args, state, state_path)
+    train_vae(vae.train(), images, args, state, state_path, stage="decoder")
     vae.eval().requires_grad_(False)
     mean, logvar, scale = encode_pool(vae, images)
     print(f"latent scale factor {scale:.5f}")
