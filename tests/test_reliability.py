@@ -23,7 +23,7 @@ from PIL import Image
 import checkpoint
 import sample
 import train
-from checkpoint import read_metadata, read_state_dict
+from checkpoint import read_metadata
 from clip_text import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,6 @@ def refused(main, argv, says):
     line = e.value.code
     assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line, line
     assert re.search(says, line), line
-    return line
 
 
 def crash_at_step(monkeypatch, n):
@@ -214,9 +213,8 @@ def test_swapped_edited_or_relabelled_task_files_are_refused(tiny_ckpt, data, tm
     one.write_bytes(bytes(raw))
     check(r"task_01.safetensors: not the file this run wrote for task 1 <alice> \(its digest differs from run.json's\)")
     (run / "run.json").write_text(json.dumps({**desc, "method": "lora"}))
-    with pytest.raises(SystemExit, match="holds task 1 word <alice> method clora, but run.json records task 1 <alice> "
-                                         r"\(lora\)"):
-        train.main(args(ckpt, data, run, 3, "--method", "lora"))
+    refused(train.main, args(ckpt, data, run, 3, "--method", "lora"),
+            r"holds task 1 word <alice> method clora, but run.json records task 1 <alice> \(lora\)")
     refused(sample.main, sampled, r"method clora, but run.json records task 1 <alice> \(lora\)")
     for broken in ("{", "[]", json.dumps({**desc, "tasks": [{"task": "1"}]})):
         (run / "run.json").write_text(broken)
@@ -245,6 +243,14 @@ def test_train_arguments_out_of_range_are_one_line(tiny_ckpt, data, tmp_path, ba
     argv[i:i + 2] = bad
     refused(train.main, argv, "^error: " + says)
     assert not run.exists()
+
+
+@pytest.mark.parametrize("script, bad, says", [("train.py", ["--task", "1", "--steps", "0"], "error: --steps 0: must be >= 1"),
+                                               ("sample.py", ["--prompt", "x", "--size", "-64"], "error: --size -64: must be positive")])
+def test_the_command_line_prints_one_line_and_exits_non_zero(script, bad, says):
+    p = subprocess.run([sys.executable, str(ROOT / script), *bad], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", says + "\n")
 
 
 def test_train_run_that_is_a_file_is_one_line(tiny_ckpt, data, tmp_path):
@@ -437,4 +443,3 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(tiny_ck
     p = start(run)
     assert p.wait() == 0, p.stderr.read().decode()
     assert snapshot(run) == snapshot(tmp_path / "ref")  # every task file, grid and run.json, and no leftover
-    assert read_state_dict(run / "task_03.safetensors").keys()
