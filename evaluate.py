@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 import world
 from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors
-from clora import CLoRA, read_run, task_file
+from clora import CLoRA, read_run, read_task
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
@@ -202,7 +202,7 @@ def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=N
     T = len(run["tasks"])
     acc, mmd, last = np.full((T, T), np.nan), np.full((T, T), np.nan), []
     for i, task in enumerate(run["tasks"]):
-        adapter.load_task(task["word"], read_state_dict(task_file(run_dir, task["task"])))
+        adapter.load_task(task["word"], read_task(run_dir, task, run["method"]))
         row = range(i + 1) if (i + 1) % every == 0 or i == T - 1 else [i]
         for j in row:
             word = adapter.words[j]

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256
-from clora import METHODS, TARGETS, CLoRA, read_run, task_file
+from clora import METHODS, TARGETS, CLoRA, read_run, read_task
 from sample import StableDiffusion, find_checkpoint
 from unet import SpatialTransformer, UNet
 
@@ -171,7 +171,7 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
         raise CheckpointError(f"--out {out} holds the run or its base checkpoint, which it would replace; pick another folder")
     if sha256(path) != run["base_sha256"]:
         raise CheckpointError(f"{path} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']}); pass it as --ckpt")
-    tasks = [(t["word"], read_state_dict(task_file(run_dir, t["task"]))) for t in run["tasks"]]  # all of them, before any work
+    tasks = [(t["word"], read_task(run_dir, t, run["method"])) for t in run["tasks"]]  # all of them, before any work
     print(f"loading {path}")
     model = StableDiffusion.load(path)
     files, notes = export_files(model, run["method"], run["rank"], tasks, read_state_dict(path) if merged else None, dtype, rank)

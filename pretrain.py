@@ -4,6 +4,9 @@ original-layout .safetensors that sample.py and train.py load by the same code p
 
     python pretrain.py                                  # resumable: rerun after a kill to continue
     python pretrain.py --vae-steps 200 --unet-steps 500 --out /tmp/tiny.safetensors   # a quick try
+    # the shipped model: its VAE started from the first world's (README, "The tiny SD")
+    git show f6ad959:weights/embedded/tiny_sd.safetensors > runs/pretrain/tiny_sd_world1.safetensors
+    python pretrain.py --vae-init runs/pretrain/tiny_sd_world1.safetensors --vae-steps 500
 
 Stage 1a trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
 and GAN losses, which flat cartoon colours do not need). SD's VAE is a general image codec, so this
@@ -186,14 +189,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=Path("runs/pretrain"), help="image pool and resumable state")
-    p.add_argument("--pool", type=int, default=12000, help="base-distribution images to train on")
+    p.add_argument("--pool", type=int, default=16000, help="base-distribution images to train on")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=8e-4)
     p.add_argument("--kl", type=float, default=1e-6)
     p.add_argument("--vae-init", help="an original-layout tiny checkpoint whose VAE to start from (default: random)")
-    p.add_argument("--unet-steps", type=int, default=7000)
-    p.add_argument("--decoder-steps", type=int, default=300, help="stage 1b: the decoder alone, on saturated colours")
+    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--decoder-steps", type=int, default=600, help="stage 1b: the decoder alone, on saturated colours")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)

@@ -165,7 +165,7 @@ def find_checkpoint(ckpt):
         raise CheckpointError(f"no SD checkpoint given or in {WEIGHTS}/ and the embedded tiny model {EMBEDDED} is missing "
                               "(git checkout weights/embedded); put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt PATH")
     print(f"no SD checkpoint given or in {WEIGHTS.name}/: using the embedded tiny model {Path(*EMBEDDED.parts[-3:])} "
-          "and its world of cartoon faces (put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt for the real one)")
+          "and its world of cartoon faces and buildings (put v1-5-pruned-emaonly.safetensors in weights/ or pass --ckpt for the real one)")
     return EMBEDDED
 
 
