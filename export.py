@@ -1,7 +1,7 @@
 """Take what a run learned to diffusers, AUTOMATIC1111 and ComfyUI, and bring their LoRAs and
 textual-inversion embeddings here (sample.py's --lora and --embedding use the readers below).
 
-    python export.py --run runs/world-clora --out export/
+    python export.py --run runs/world-v2-clora --out export/
     python export.py --run runs/faces --out export/faces --merged --dtype fp16
     python export.py --run runs/faces-kv --out export/faces-kv --rank 64 --overwrite
 
