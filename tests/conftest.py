@@ -62,6 +62,17 @@ def original_checkpoint(text_encoder, unet, vae):
     return sd
 
 
+def args(ckpt, data, run, task, *extra):
+    """train.py's command line for a tiny run: 16x16 images, rank 2, 4 steps, a partial checkpoint every 2."""
+    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16",
+            "--steps", "4", "--save-every", "2", "--grid-steps", "2", "--rank", "2", *extra]
+
+
+def snapshot(run):
+    """Every file of a run folder by name, as bytes (None if there is no folder)."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())} if run.exists() else None
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A tiny original-layout .safetensors file and the models it was made from."""

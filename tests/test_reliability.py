@@ -23,6 +23,7 @@ from PIL import Image
 import checkpoint
 import sample
 import train
+from conftest import args, snapshot
 from checkpoint import read_metadata
 from clip_text import Tokenizer
 
@@ -38,15 +39,6 @@ def data(tmp_path):
         for j in range(2):
             Image.fromarray(rng.integers(0, 255, (16 + 4 * j, 16, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
     return root
-
-
-def args(ckpt, data, run, task, *extra):
-    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16",
-            "--steps", "4", "--save-every", "2", "--grid-steps", "2", "--rank", "2", *extra]
-
-
-def snapshot(run):
-    return {p.name: p.read_bytes() for p in sorted(run.iterdir())} if run.exists() else None
 
 
 def refused(main, argv, says):

@@ -12,7 +12,7 @@ import train
 from checkpoint import read_state_dict, save_safetensors
 from clip_text import Tokenizer
 from clora import S_MAX, CLoRA, MaskedDelta, load_run, pack_bits, slope, unpack_bits
-from conftest import rel_err, tiny_models
+from conftest import args as train_args, rel_err, snapshot, tiny_models
 
 
 def setup(**kw):
@@ -211,12 +211,7 @@ def data(tmp_path):
 
 
 def args(ckpt, data, run, task, *extra):
-    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16", "--steps", "4",
-            "--save-every", "2", "--grid-steps", "2", "--rank", "2", "--method", "stamina", *extra]
-
-
-def snapshot(run):
-    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+    return train_args(ckpt, data, run, task, "--method", "stamina", *extra)
 
 
 def test_three_tasks_stack_and_sample(tiny_ckpt, data, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import train
+from conftest import args, snapshot
 from checkpoint import read_state_dict
 
 
@@ -22,15 +23,6 @@ def data(tmp_path):
             im = {0: im, 1: im.convert("RGBA"), 2: im.convert("L")}[j]  # any mode, any size
             im.save(root / name / f"{j}.png")
     return root
-
-
-def args(ckpt, data, run, task, *extra):
-    return ["--task", str(task), "--data", str(data), "--run", str(run), "--ckpt", str(ckpt), "--res", "16",
-            "--steps", "4", "--save-every", "2", "--grid-steps", "2", "--rank", "2", *extra]
-
-
-def snapshot(run):
-    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
 
 
 def test_three_tasks_then_extend_keep_and_refuse(tiny_ckpt, data, tmp_path):
