@@ -41,6 +41,7 @@ from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
 N_CLASSES = len(world.CONCEPTS)
+INDEX = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}  # concept word -> class
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,8 +184,7 @@ def world_model(run_dir):
     if meta.get("world") != str(world.VERSION):
         raise CheckpointError(f"{run_dir}: made on world version {meta.get('world', '1')}, this is world {world.VERSION}; "
                               "retrain it (python train.py --task N) on the shipped model")
-    index = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}
-    unknown = [t["word"] for t in run["tasks"] if t["word"] not in index]
+    unknown = [t["word"] for t in run["tasks"] if t["word"] not in INDEX]
     if unknown:
         raise CheckpointError(f"{run_dir}: {unknown[0]} is not a concept of world {world.VERSION}; only runs on its concepts can be scored")
     return run, StableDiffusion.load(base)
@@ -196,7 +196,6 @@ def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=N
     after every `every`-th task and the last one."""
     run, model = world_model(run_dir)
     classifier = classifier or load_classifier()
-    index = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}
     real = {}
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
     T = len(run["tasks"])
@@ -206,7 +205,7 @@ def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=N
         row = range(i + 1) if (i + 1) % every == 0 or i == T - 1 else [i]
         for j in row:
             word = adapter.words[j]
-            k = index[word]
+            k = INDEX[word]
             if k not in real:
                 real[k] = classifier.features(heldout_images(k))
             images = generate(model, word, n, steps, cfg, seed + 1000 * j)  # the same noise for concept j after every task
@@ -267,12 +266,17 @@ def matrix_png(acc, words, path, cell=40):
     save_png(im, path)
 
 
+def json_matrix(m):
+    """A score matrix as nested lists, its unscored cells None: JSON has no NaN."""
+    return np.where(np.isnan(m), None, m).tolist()
+
+
 def write_outputs(res, run_dir):
     run_dir = Path(run_dir)
     with atomic_write(run_dir / "eval.md") as tmp:
         Path(tmp).write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n")
     with atomic_write(run_dir / "eval.json") as tmp:
-        nan_free = {k: np.where(np.isnan(res[k]), None, res[k]).tolist() for k in ("acc", "mmd")}  # JSON has no NaN
+        nan_free = {k: json_matrix(res[k]) for k in ("acc", "mmd")}
         Path(tmp).write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"],
                                          **summary(res)}, indent=1) + "\n")
     matrix_png(res["acc"], res["words"], run_dir / "eval_matrix.png")

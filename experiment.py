@@ -80,7 +80,7 @@ def job(spec):
     except CheckpointError as e:
         return {"name": name, "error": f"error: {e}"}
     return {"name": name, "kind": kind, "method": method, "concept": concept, "seed": seed, "seconds": time.time() - t0,
-            "acc": np.where(np.isnan(res["acc"]), None, res["acc"]).tolist(), "delta_norms": res["delta_norms"],
+            "acc": evaluate.json_matrix(res["acc"]), "delta_norms": res["delta_norms"],
             **evaluate.summary(res)}
 
 
