@@ -49,7 +49,7 @@ OUT = Path(__file__).parent / "weights" / "embedded" / "tiny_sd.safetensors"
 
 
 def scribble(images, g, saturated=False):
-    """A copy of (N, H, W, 3) uint8 images with 1-3 random rectangles / discs in uniformly random
+    """A copy of (N, H, W, 3) uint8 images with up to 3 random rectangles / discs in uniformly random
     colours on each: the VAE's extra data, so that it encodes any colour and shape. `saturated`: half
     of the shapes in a random hue at full saturation (one channel 255, one 0), which uniform colours
     almost never are."""
