@@ -73,20 +73,30 @@ def tiny():
     return StableDiffusion.load(EMBEDDED)
 
 
-def test_shipped_model_loads_strictly_and_follows_the_domain_word(tiny):
-    """"a photo of a building" draws a building, "a photo of a face" a face, as the concept
-    classifier (which knows both domains) judges them. (The interim model does not follow
-    background-colour words reliably: README, "The tiny SD".)"""
+def group_caption(g):
+    """The captioned attributes of look-alike group g, background left out: what text alone can say."""
+    s = world.GROUPS[g]
+    if s["kind"] == "face":
+        hair = "bald" if s["style"] == "bald" else f"{s['hair']} {s['style']} hair"
+        return f"a photo of a face, {s['skin']} skin, {hair}, {s['eyes']} eyes" + (", glasses" if s["glasses"] else "")
+    return f"a photo of a building, {s['walls']} walls, {s['roof_colour']} {s['roof']} roof, {world.FLOORS[s['floors'] - 1]}"
+
+
+def test_shipped_model_loads_strictly_and_follows_captions(tiny):
+    """A look-alike group's caption draws that group, as the concept classifier judges it: the base
+    model can draw what text says, so a concept that fails to reach its group fails in the learning
+    (README, "Where the testbed stands"). Bare domain words ("a photo of a face") are not enough for
+    this model: an under-specified prompt comes out as a washed-out blend."""
     meta = read_metadata(EMBEDDED)
     assert tiny.name == meta["model"] == "tiny-world" and meta["world"] == str(world.VERSION) and tiny.resolution == world.SIZE
     assert tiny.unet.cfg.num_heads == int(meta["unet.num_heads"])
-    n, f = 8, tiny.vae.cfg.downsample
-    noise = torch.randn(2 * n, 4, world.SIZE // f, world.SIZE // f, generator=torch.Generator().manual_seed(0))
-    prompts = ["a photo of a building"] * n + ["a photo of a face"] * n
-    images = tiny.decode(ddim_sample(tiny.unet, tiny.encode_text(prompts), tiny.encode_text([""] * 2 * n), noise, 20, 3.0))
+    n, f, groups = 8, tiny.vae.cfg.downsample, range(4)  # two face groups, two building groups
+    noise = torch.randn(n * len(groups), 4, world.SIZE // f, world.SIZE // f, generator=torch.Generator().manual_seed(0))
+    prompts = [group_caption(g) for g in groups for _ in range(n)]
+    images = tiny.decode(ddim_sample(tiny.unet, tiny.encode_text(prompts), tiny.encode_text([""] * len(prompts)), noise, 15, 3.0))
     logits = evaluate.load_classifier()(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
-    kinds = [world.CONCEPTS[k][1]["kind"] for k in logits.argmax(1).tolist()]
-    assert kinds[:n].count("building") >= n - 1 and kinds[n:].count("face") >= n - 1, kinds
+    right = (logits.argmax(1).reshape(len(groups), n) % len(world.GROUPS) == torch.tensor(list(groups))[:, None]).sum(1)
+    assert (right >= n - 2).all(), right
 
 
 def test_classifier_reaches_its_stated_accuracy(tiny):
