@@ -4,9 +4,12 @@ original-layout .safetensors that sample.py and train.py load by the same code p
 
     python pretrain.py                                  # resumable: rerun after a kill to continue
     python pretrain.py --vae-steps 200 --unet-steps 500 --out /tmp/tiny.safetensors   # a quick try
-    # the shipped model: its VAE started from the first world's (README, "The tiny SD")
+    # the shipped model: its VAE started from the first world's; three runs, each resuming the last
+    # one's state (README, "The tiny SD": the second was stopped after its step-11,500 save)
     git show f6ad959:weights/embedded/tiny_sd.safetensors > runs/pretrain/tiny_sd_world1.safetensors
-    python pretrain.py --vae-init runs/pretrain/tiny_sd_world1.safetensors --vae-steps 500
+    python pretrain.py --vae-init runs/pretrain/tiny_sd_world1.safetensors --vae-steps 500 --unet-steps 5000
+    python pretrain.py --vae-init runs/pretrain/tiny_sd_world1.safetensors --vae-steps 500 --unet-steps 21000
+    python pretrain.py --vae-init runs/pretrain/tiny_sd_world1.safetensors --vae-steps 500 --unet-steps 18000
 
 Stage 1a trains the VAE (reconstruction + a small KL term, as SD's KL-f8 but without its perceptual
 and GAN losses, which flat cartoon colours do not need). SD's VAE is a general image codec, so this
