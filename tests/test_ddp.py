@@ -170,7 +170,7 @@ def test_a_killed_rank_stops_the_other_and_the_rerun_resumes_exactly(two_tasks, 
     ("--batch 3", "", "error: --batch 3: the global batch must be a multiple of the 2 processes"),
     pytest.param("--batch 2 --device cuda", "", f"error: torchrun starts 2 processes on {socket.gethostname()}, which has "
                  f"{torch.cuda.device_count()} CUDA device", marks=pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="2 GPUs")),
-    ("--batch 2", "--lr 1e-3", "error: rank 1 was started on other inputs than rank 0 (--lr 0.001, rank 0 0.0005)"),
+    ("--batch 2", "--lr 1e-3", "error: rank 1 was started on other inputs than rank 0 (--lr 0.001, rank 0 0.0005;"),
     ("--batch 2", "--run-dir ELSEWHERE", "cannot see the files rank 0 writes there; put the run folder on a path that every node shares"),
 ])
 def test_a_bad_launch_is_one_line_from_rank_0_and_writes_nothing(two_tasks, tmp_path, extra, rank1, says):
