@@ -6,14 +6,16 @@ checks that show the experiment can tell the methods apart.
     python experiment.py --check                               # the quick validity checks; non-zero exit if one fails
     python experiment.py --tasks 50 --every 10 --methods clora lora --no-upper-bound --out runs/long
     python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args "--lam 1e4" --out runs/lam1e4
+    python experiment.py --devices cuda:0,cuda:1                 # the runs spread over two GPUs (default: every visible one)
 
 Methods: those of clora.METHODS (clora; lora, the same stacking with lambda = 0; ti, tokens only; kv,
 full-rank K/V deltas, Custom Diffusion style), and an upper bound: every concept trained alone from
 the base model (no earlier task to forget or to be regularised against), scored right after its one
 task. Every run uses the model's default settings of train.py. Jobs run in parallel processes, one
-thread each. Figures are means over seeds with a 95% interval (Student's t); a cell is scored on
-`--n` samples. Writes `--out`/results.md, results.json, matrices.png, curves.png and a log per job in
-`--out`/logs/.
+thread each: one job at a time per device of `--devices` (default: one per visible GPU; without one,
+`--workers` jobs on the CPU); a job trains on its device and scores on the CPU. Figures are means
+over seeds with a 95% interval (Student's t); a cell is scored on `--n` samples. Writes
+`--out`/results.md, results.json, matrices.png, curves.png and a log per job in `--out`/logs/.
 
 The validity checks (printed, and the exit status of --check):
 - the upper bound learns: each concept alone reaches accuracy >= 0.85;
@@ -29,10 +31,11 @@ import shlex
 import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 import world
@@ -45,11 +48,25 @@ CHECK_CONCEPTS = (0, 11, 22, 33)  # --check: two faces and two buildings, four g
 UPPER, TI_MAX, FORGET_MIN, CI_MAX = 0.85, 0.6, 0.3, 0.05
 
 
-def job(spec):
-    """One run: train.py --task T on the world, then evaluate.py on it. Returns its result summary,
-    or {"error": line} when train.py or evaluate.py refused."""
-    import torch
+FREE = None  # in a job's process: the queue of free devices (one entry per job slot)
 
+
+def take_devices(free):
+    global FREE
+    FREE = free
+
+
+def job(spec):
+    """One run: train.py --task T on the world, on a free device, then evaluate.py on it. Returns its
+    result summary, or {"error": line} when train.py or evaluate.py refused."""
+    device = FREE.get()  # never waits: the pool has one process per entry
+    try:
+        return run_job(spec, device)
+    finally:
+        FREE.put(device)
+
+
+def run_job(spec, device):
     torch.set_num_threads(1)
     import evaluate
     import train
@@ -72,7 +89,7 @@ def job(spec):
     try:
         with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(["--task", str(tasks if kind == "stream" else 1), "--data", str(data), "--run", str(run_dir),
-                        "--method", method, "--seed", str(seed), "--save-every", "0", "--device", "cpu", *shlex.split(extra)])
+                        "--method", method, "--seed", str(seed), "--save-every", "0", "--device", device, *shlex.split(extra)])
             res = evaluate.evaluate_run(run_dir, n=n, seed=seed, every=every)
             evaluate.write_outputs(res, run_dir)
     except SystemExit as e:  # train.py's one-line errors
@@ -201,13 +218,19 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=1, help="score full rows after every N-th task (long streams)")
     p.add_argument("--no-upper-bound", action="store_true")
     p.add_argument("--check", action="store_true", help="the quick validity checks: exit 1 if one fails")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="parallel jobs on the CPU, when there is no GPU and no --devices")
+    p.add_argument("--devices", help="comma-separated, one job at a time on each: cuda:0,cuda:1 (default: every visible GPU)")
     p.add_argument("--train-args", default="", help='extra train.py flags for every run, e.g. "--lam 1e4"')
     args = p.parse_args(argv)
     if not 1 <= args.tasks <= len(world.CONCEPTS):
         p.error(f"--tasks must be 1-{len(world.CONCEPTS)}: the world has {len(world.CONCEPTS)} concepts")
     if args.n < 2 or args.every < 1 or args.workers < 1:
         p.error("--n must be >= 2, --every and --workers >= 1")
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    devices = args.devices.split(",") if args.devices else gpus or ["cpu"] * args.workers
+    unknown = [d for d in devices if d != "cpu" and d not in gpus]
+    if unknown:
+        p.error(f"--devices: no device {unknown[0]} here (this machine has: cpu{''.join(', ' + g for g in gpus)})")
     out = Path(args.out or ("runs/check" if args.check else "runs/experiment"))
     t0 = time.time()
     job_args = (str(out), args.train_args, args.n, args.every)
@@ -222,7 +245,13 @@ def main(argv=None):
         if not args.no_upper_bound:
             jobs += [("alone", "clora", j, s, 1, *job_args) for s in seeds for j in range(tasks)]
     world.write_concepts(out / "data", n=max([tasks] + [j + 1 for _, _, j, *_ in jobs if j is not None]))
-    with Pool(args.workers, maxtasksperchild=1) as pool:  # a fresh process per job: nothing leaks between runs
+    # A fresh process per job (nothing leaks between runs), as many at a time as there are devices;
+    # spawned, not forked: CUDA cannot be used in a child forked after the parent looked for GPUs.
+    mp = multiprocessing.get_context("spawn")
+    free = mp.Queue()
+    for d in devices:
+        free.put(d)
+    with mp.Pool(len(devices), initializer=take_devices, initargs=(free,), maxtasksperchild=1) as pool:
         results = []
         for r in pool.imap_unordered(job, jobs):
             if "error" in r:

@@ -5,6 +5,7 @@ keeping every earlier concept and no old photo.
     python train.py --task 1 --data data/faces --run runs/faces-lora --method lora
     python train.py --task 3 --data data/faces --run runs/faces-st --method stamina --no-mlp-tokens   # an ablation
     python train.py --task 2 --data data/faces --run runs/faces --overwrite      # retrain task 2 only
+    torchrun --standalone --nproc_per_node 2 train.py --task 3 --data data/faces --run-dir runs/faces --batch 2
 
 `--data` holds one folder of images per concept; sorted folder order is the task order and the
 folder name gives the concept word (`03_alice/` -> `<alice>`). `--task N` brings the run up to
@@ -15,6 +16,11 @@ plus `grid_task_NN.png`: one sample of every concept learned so far.
 With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and the concept stream of
 `world.py` are the default, and so is `--run runs/world-v2-<method>`: `python train.py --task 3` runs as is.
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
+
+Under torchrun, N processes (GPUs) train each task data-parallel: `--batch` stays the global batch and
+each process takes its slice of the very batch one process would draw, so the weights are one
+process's up to floating-point summation order. Spell the run folder `--run-dir` there: torchrun's
+own parser takes `--run` for an abbreviation of its `--run-path` and stops.
 """
 import argparse
 import fcntl
@@ -24,15 +30,20 @@ import math
 import os
 import random
 import re
+import secrets
+import signal
 import socket
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -195,6 +206,126 @@ def run_lock(run_dir):
 
 
 # ------------------------------------------------------------------------------------------------
+# Several processes: torchrun --nproc_per_node N [--nnodes M ...] train.py ... --run-dir RUN
+#
+# torchrun's environment says which process this is (nanoGPT's pattern); without it there is one
+# process, no process group, and every helper below is the identity. Every rank draws the whole
+# global batch from the same seeded generator and trains on its slice; DDP averages the gradients,
+# so the penalty, the same on every rank, counts once. Rank 0 alone holds the run lock, writes and
+# prints; a refusal that any rank finds before training is raised on all of them (`together`).
+
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+STOPPED = ("this torchrun's processes were stopped: one of them failed or was killed (torchrun's report names it); "
+           "the run folder keeps what was saved: run the same command again to resume from the last partial checkpoint")
+
+
+def gather(obj):
+    """Every rank's `obj` (picklable, small), in rank order; also a barrier."""
+    if WORLD == 1:
+        return [obj]
+    out = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def share(obj):
+    """Rank 0's `obj` on every rank; the other ranks wait for it."""
+    if WORLD == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def together(fn):
+    """fn() on every rank. A refusal on any rank (a file one node lacks, say) is raised on every rank,
+    naming the first that refused, so that all stop before training and rank 0 says why in one line."""
+    try:
+        out, err = fn(), None
+    except (TrainError, CheckpointError, OSError) as e:
+        if WORLD == 1:
+            raise
+        out, err = None, str(e)
+    for r, (err, host) in enumerate(gather((err, socket.gethostname()))):
+        if err:
+            raise TrainError(err if r == 0 else f"{err} (rank {r}, on {host})")
+    return out
+
+
+def join_processes(args):
+    """Join torchrun's process group and take this rank's device: GPU LOCAL_RANK with --device cuda."""
+    dist.init_process_group()  # no backend named: gloo for CPU tensors, and NCCL for CUDA ones where torch has it
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: {STOPPED}" if RANK == 0 else 1))  # how torchrun stops the rest
+
+    def device():
+        if args.device not in ("cpu", "cuda"):
+            raise TrainError(f"--device {args.device}: under torchrun pass --device cuda (each process takes the GPU of "
+                             "its local rank) or cpu")
+        n = torch.cuda.device_count()
+        if args.device == "cuda" and LOCAL_RANK >= n:
+            raise TrainError(f"torchrun starts {os.environ['LOCAL_WORLD_SIZE']} processes on {socket.gethostname()}, which has "
+                             f"{n} CUDA device(s); start one process per GPU at most (--nproc_per_node), or pass --device cpu")
+    together(device)
+    if args.device == "cuda":
+        torch.cuda.set_device(LOCAL_RANK)
+        args.device = f"cuda:{LOCAL_RANK}"
+
+
+def check_shared(run_dir):
+    """Every rank must see the run folder rank 0 writes in: rank 0 writes a random word into it and
+    every rank reads it back (a folder on a path that only some nodes share would split the run)."""
+    probe, word = run_dir / ".shared", secrets.token_hex(8)
+    if RANK == 0:
+        probe.write_text(word)
+    word = share(word)  # rank 0's, once written
+    try:
+        seen = probe.read_text() == word
+    except OSError:
+        seen = False
+    seen = gather((seen, socket.gethostname()))
+    if RANK == 0:
+        probe.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise TrainError(f"--run-dir {run_dir}: {', '.join(blind)} cannot see the files rank 0 writes there; put the run "
+                         "folder on a path that every node shares")
+
+
+def check_same(inputs):
+    """Every rank must train what rank 0 trains: the same settings, base checkpoint and images (paths
+    may differ between nodes, contents may not)."""
+    ranks = gather(inputs)
+    for r, theirs in enumerate(ranks):
+        diff = [f"{k} {v!r}, rank 0 {ranks[0].get(k)!r}" for k, v in theirs.items() if v != ranks[0].get(k)]
+        if diff:
+            raise TrainError(f"rank {r} was started on other inputs than rank 0 ({'; '.join(diff)}); give every node the "
+                             "same command, checkpoint and data")
+
+
+class Denoiser(nn.Module):
+    """One step's forward, prompt tokens to predicted noise, as a module that holds the task's trainable
+    parameters and nothing else (the frozen models sit in a list): what DDP wraps to average their
+    gradients, without broadcasting or checking the base model's 10^9 weights."""
+
+    def __init__(self, text_encoder, unet, params, args):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.models = [text_encoder, unet]
+        self.autocast = dict(device_type="cuda", dtype=DTYPES[args.dtype],
+                             enabled=args.device.startswith("cuda") and args.dtype != "fp32")
+
+    def forward(self, ids, noisy, t):
+        text_encoder, unet = self.models
+        ctx = text_encoder(ids)
+        with torch.autocast(**self.autocast):
+            return unet(noisy.to(ctx.dtype), t, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
 # Training one task
 
 
@@ -233,7 +364,7 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
                              {"params": groups["tokens"], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
     partial = Path(run_dir) / f"task_{task:02d}.partial.safetensors"
     start = 0
-    state = resume_state(partial, trained_with, task)
+    state = share(resume_state(partial, trained_with, task) if RANK == 0 else None)
     if state is not None:  # resume after a crash: factors, tokens, optimizer moments and the step
         start = int(state["step"])
         with torch.no_grad():
@@ -253,33 +384,42 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
     ac = alphas_cumprod().to(device)
     lam = args.lam if adapter.penalized else 0.0
     rho = args.sparsity if adapter.hardening else 0.0
-    bar = tqdm(range(start, args.steps), desc=f"task {task} {word}", initial=start, total=args.steps)
+    denoiser = Denoiser(model.text_encoder, unet, adapter.trainable(), args)
+    if WORLD > 1:
+        denoiser = DistributedDataParallel(denoiser)
+    mine = slice(RANK * args.batch // WORLD, (RANK + 1) * args.batch // WORLD)  # this rank's slice of the global batch
+    bar = tqdm(range(start, args.steps), desc=f"task {task} {word}", initial=start, total=args.steps, disable=RANK > 0)
     for step in bar:
+        # The global batch, drawn alike on every rank: images, VAE noise, timesteps, noise, prompts.
         idx = torch.randint(len(mean), (args.batch,), generator=g)
-        eps_z = torch.randn(mean[idx].shape, generator=g).to(device)
+        eps_z = torch.randn((args.batch, *mean.shape[1:]), generator=g)
+        t = torch.randint(len(ac), (args.batch,), generator=g)
+        noise = torch.randn(eps_z.shape, generator=g)
+        templates = torch.randint(len(TEMPLATES), (args.batch,), generator=g)
+        idx, eps_z, t, noise, templates = idx[mine], eps_z[mine].to(device), t[mine].to(device), noise[mine].to(device), templates[mine]
         x0 = model.vae.cfg.scale_factor * (mean[idx] + (0.5 * logvar[idx]).exp() * eps_z)
-        t = torch.randint(len(ac), (args.batch,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
         a = ac[t][:, None, None, None]
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if adapter.hardening:  # STAMINA's masks in their training form, at this step's slope
             adapter.set_slope(slope(step, args.steps, adapter.hardening))
-        prompts = [TEMPLATES[i].format(word) for i in torch.randint(len(TEMPLATES), (args.batch,), generator=g).tolist()]
-        ctx = model.text_encoder(model.tokenizer(prompts).to(device))
-        with torch.autocast("cuda", dtype=DTYPES[args.dtype], enabled=device.startswith("cuda") and args.dtype != "fp32"):
-            pred = unet(noisy.to(ctx.dtype), t, ctx)
+        prompts = [TEMPLATES[i].format(word) for i in templates.tolist()]
+        pred = denoiser(model.tokenizer(prompts).to(device), noisy, t)
         mse = F.mse_loss(pred.float(), noise)
         loss = mse + lam * adapter.penalty() if lam else mse
         if rho:
             loss = loss + rho * adapter.sparsity()
-        mse_value, loss_value = torch.stack([mse.detach(), loss.detach()]).tolist()
+        values = torch.stack([mse.detach(), loss.detach()])
+        if WORLD > 1:  # the global batch's loss, as one process has it; every rank then stops alike on a NaN
+            dist.all_reduce(values)
+            values /= WORLD
+        mse_value, loss_value = values.tolist()
         if not math.isfinite(loss_value):
             raise TrainError(stop.format(step + 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{mse_value:.4f}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if RANK == 0 and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             if not finite(adapter.trainable()):
                 raise TrainError(stop.format(step + 1))
             # One file: parameters, AdamW moments, step and random state, so a resume is exact.
@@ -309,7 +449,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", type=int, required=True, help="bring the run up to this task (1-based)")
     p.add_argument("--data", help="folder with one sub-folder of images per concept (default with the tiny model: its world)")
-    p.add_argument("--run", help="run folder: run.json and one small file per task; default: runs/<data>-<method>")
+    p.add_argument("--run", "--run-dir", dest="run", help="run folder: run.json and one small file per task; default: "
+                   "runs/<data>-<method> (under torchrun spell it --run-dir: torchrun reads --run as its own --run-path)")
     p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/, else the embedded tiny model")
     p.add_argument("--method", choices=METHODS, default="clora")
     # STAMINA's settings and ablations (--method stamina only; the four below are fixed for a run).
@@ -339,9 +480,15 @@ def main(argv=None):
     try:
         run(args)
     except (TrainError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if RANK == 0 else 1)
     except OSError as e:  # a file that cannot be read or written, named (writes say so themselves: atomic_write)
-        sys.exit(f"error: {e.filename or args.run}: {e.strerror or e}")
+        sys.exit(f"error: {e.filename or args.run}: {e.strerror or e}" if RANK == 0 else 1)
+    except RuntimeError as e:  # a collective whose peer is gone (NCCL: a DistError; gloo: "Connection closed by peer")
+        if WORLD == 1 or not (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+            raise
+        sys.exit(f"error: {STOPPED}" if RANK == 0 else 1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_defaults(args, ckpt):
@@ -356,7 +503,13 @@ def resolve_defaults(args, ckpt):
     if args.data is None:
         if name != "tiny-world":
             raise TrainError("--data is required with an SD checkpoint: a folder with one sub-folder of images per concept")
-        args.data = world.write_concepts(WORLD_DATA)
+        WORLD_DATA.mkdir(parents=True, exist_ok=True)
+        fd = os.open(WORLD_DATA, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # torchrun's processes on one machine: one writes, the others find it written
+            args.data = world.write_concepts(WORLD_DATA)
+        finally:
+            os.close(fd)
         print(f"data: the world's concept stream in {args.data}/ ({len(world.CONCEPTS)} concepts)")
     args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
 
@@ -387,7 +540,8 @@ def check_stamina(args):
         raise TrainError(f"--sparsity {args.sparsity}: the sparsity weight must be >= 0")
 
 
-def run(args):
+def prepare(args):
+    """Every check that needs no run folder, the defaults filled in: (checkpoint, concept stream, run settings)."""
     check_args(args)
     check_stamina(args)
     torch.manual_seed(args.seed)
@@ -405,22 +559,46 @@ def run(args):
                 "tokens_per_concept": args.tokens}
     if args.method == "stamina":
         settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity)
+    if args.batch % WORLD:
+        raise TrainError(f"--batch {args.batch}: the global batch must be a multiple of the {WORLD} processes, each of which "
+                         f"trains on an equal slice of it; pass --batch {WORLD} (or a multiple), or start fewer processes")
+    return ckpt, stream, settings
+
+
+def run(args):
+    if WORLD > 1:
+        join_processes(args)
+    ckpt, stream, settings = together(lambda: prepare(args))
     run_dir = Path(args.run)
-    with run_lock(run_dir):
-        for tmp in stale_temps(run_dir):  # what a kill in the middle of an atomic write left; the lock is ours
-            tmp.unlink()
+    with run_lock(run_dir) if RANK == 0 else nullcontext():
+        if RANK == 0:
+            for tmp in stale_temps(run_dir):  # what a kill in the middle of an atomic write left; the lock is ours
+                tmp.unlink()
+        if WORLD > 1:
+            check_shared(run_dir)
         train_run(args, ckpt, stream, settings, run_dir)
 
 
-def train_run(args, ckpt, stream, settings, run_dir):
+def read_inputs(args, stream, settings, run_dir):
+    """The run's description, the tasks to train and all their images: every image of every task to
+    train is read (and checked) before anything is trained or written."""
     state = open_run(run_dir, settings)
-    done = {t["task"]: t for t in state["tasks"]}
-    later = [t for t in done if t > args.task]
+    later = [t["task"] for t in state["tasks"] if t["task"] > args.task]
     if args.overwrite and later:
         raise TrainError(f"--overwrite of task {args.task} would leave tasks {later} built on the old one; start a new --run")
+    done = {t["task"] for t in state["tasks"]}
     to_train = [t for t in range(1, args.task + 1) if t not in done or (args.overwrite and t == args.task)]
-    # Every image of every task to train is read (and checked) before anything is trained or written.
-    images = {t: load_images(stream[t - 1][1], args.res) for t in to_train}
+    return state, {t: load_images(stream[t - 1][1], args.res) for t in to_train}
+
+
+def train_run(args, ckpt, stream, settings, run_dir):
+    state, images = together(lambda: read_inputs(args, stream, settings, run_dir))
+    done = {t["task"]: t for t in state["tasks"]}
+    digests = {t: hashlib.sha256(pixels.numpy().tobytes()).hexdigest() for t, pixels in images.items()}
+    if WORLD > 1:
+        check_same({**{"--" + k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("data", "run", "ckpt", "device")},
+                    "base checkpoint": settings["base_sha256"], "concepts": [w for w, _ in stream],
+                    **{f"images of task {t}": d for t, d in digests.items()}})
     model = StableDiffusion.load(ckpt, args.device, torch.float32)
     if args.res % size_multiple(model):
         raise TrainError(f"--res {args.res}: must be a multiple of {size_multiple(model)} for this model")
@@ -428,7 +606,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
                     args.hardening)
     for task, (word, folder) in enumerate(stream[: args.task], start=1):
         grid, partial = run_dir / f"grid_task_{task:02d}.png", run_dir / f"task_{task:02d}.partial.safetensors"
-        if task not in to_train:
+        if task not in images:
             if done[task]["word"] != word:
                 raise TrainError(f"task {task} of the run is {done[task]['word']}, but the data's folder {task} is {word}")
             try:
@@ -436,17 +614,18 @@ def train_run(args, ckpt, stream, settings, run_dir):
             except ValueError as e:
                 raise TrainError(f"{task_file(run_dir, task)}: {e}") from None
             print(f"task {task} {word}: kept from the run")
-            partial.unlink(missing_ok=True)  # a kill between run.json and its removal
-            if not grid.exists():  # a kill between run.json and the task's grid
-                sample_grid(model, adapter.words, args, grid)
+            if RANK == 0:
+                partial.unlink(missing_ok=True)  # a kill between run.json and its removal
+                if not grid.exists():  # a kill between run.json and the task's grid
+                    sample_grid(model, adapter.words, args, grid)
             continue
         print(f"task {task} {word}: training ({args.method}, {args.steps} steps)"
               + ("" if task == args.task else f", since the run lacks it and --task is {args.task}"))
-        if args.overwrite and task == args.task and partial.exists():
+        if RANK == 0 and args.overwrite and task == args.task and partial.exists():
             print(f"task {task}: --overwrite discards its partial checkpoint")
             partial.unlink()
         pixels = images.pop(task)
-        trained_with = {"task": task, "word": word, "data": hashlib.sha256(pixels.numpy().tobytes()).hexdigest(),
+        trained_with = {"task": task, "word": word, "data": digests[task],
                         "base_sha256": settings["base_sha256"], "past": [done[t].get("sha256") for t in range(1, task)],
                         **{k: getattr(args, k) for k in PARTIAL_KEYS}}
         train_task(model, adapter, word, pixels, args, task, run_dir, trained_with)
@@ -454,19 +633,24 @@ def train_run(args, ckpt, stream, settings, run_dir):
         if not (finite(tensors.values()) and all(map(math.isfinite, norms.values()))):
             raise TrainError(f"task {task} {word}: its weights overflow (delta norm {norms['total']}); stopped before "
                              f"saving them (lower --lr, now {args.lr:g}, and run again)")
-        path = task_file(run_dir, task)
-        save_safetensors(tensors, path, metadata={"word": word, "task": task, "method": args.method})
-        record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
-                  "token_lr": args.token_lr, "lam": args.lam, "file": path.name, "sha256": sha256(path), "delta_norm": norms}
-        if args.method == "stamina":
-            record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())
-        done[task] = record
-        state["tasks"] = [done[t] for t in sorted(done)]
-        write_json(state, run_dir / "run.json")
-        partial.unlink(missing_ok=True)
+        record = None
+        if RANK == 0:  # the one writer; every rank holds the same weights
+            path = task_file(run_dir, task)
+            save_safetensors(tensors, path, metadata={"word": word, "task": task, "method": args.method})
+            record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
+                      "token_lr": args.token_lr, "lam": args.lam, "processes": WORLD, "file": path.name, "sha256": sha256(path),
+                      "delta_norm": norms}
+            if args.method == "stamina":
+                record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())
+            done[task] = record
+            state["tasks"] = [done[t] for t in sorted(done)]
+            write_json(state, run_dir / "run.json")
+            partial.unlink(missing_ok=True)
+        done[task] = share(record)  # the other ranks wait for the writes, and know the task's digest too
         print(f"task {task} {word}: delta norm {norms['total']:.4g} (K {norms['to_k']:.4g}, V {norms['to_v']:.4g})")
         adapter.finish_task()
-        sample_grid(model, adapter.words, args, grid)
+        if RANK == 0:
+            sample_grid(model, adapter.words, args, grid)
     print(f"run {run_dir} holds tasks 1-{args.task}: {' '.join(adapter.words)}")
 
 
