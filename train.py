@@ -62,7 +62,7 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 # settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
 # size of its weights and deltas, as the paper's 1e8 is to SD 1.5's. STAMINA's (only the abstract is
 # known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity and hardening are ours,
-# untested on SD 1.x, and provisional on the tiny model (docs/stamina_section.md).
+# untested on SD 1.x, and provisional on the tiny model (README, "STAMINA").
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
