@@ -252,18 +252,24 @@ def draw(subject, rng):
     return im.resize((SIZE, SIZE), Image.LANCZOS), mouth, bg
 
 
-def caption(subject, mouth, bg, rng):
-    """A caption naming the captioned attributes, each kept with probability 0.8, in random order
-    (so that the text encoder learns each phrase on its own): "a photo of a face, blue eyes, ..."."""
+def attributes(subject, mouth="", bg=""):
+    """The captioned attribute phrases of `subject` in a fixed order, its expression and background
+    where given: ["tan skin", "brown long hair", "green eyes", ...]."""
     s = subject
     if s["kind"] == "face":
         parts = [f"{s['skin']} skin", "bald" if s["style"] == "bald" else f"{s['hair']} {s['style']} hair",
-                 f"{s['eyes']} eyes", mouth, f"{bg} background"] + (["glasses"] if s["glasses"] else [])
+                 f"{s['eyes']} eyes", mouth, bg and f"{bg} background"] + (["glasses"] if s["glasses"] else [])
     else:
-        parts = [f"{s['walls']} walls", f"{s['roof_colour']} {s['roof']} roof", FLOORS[s["floors"] - 1], f"{bg} sky"]
-    parts = [p for p in parts if rng.random() < 0.8]
+        parts = [f"{s['walls']} walls", f"{s['roof_colour']} {s['roof']} roof", FLOORS[s["floors"] - 1], bg and f"{bg} sky"]
+    return [p for p in parts if p]
+
+
+def caption(subject, mouth, bg, rng):
+    """A caption naming the captioned attributes, each kept with probability 0.8, in random order
+    (so that the text encoder learns each phrase on its own): "a photo of a face, blue eyes, ..."."""
+    parts = [p for p in attributes(subject, mouth, bg) if rng.random() < 0.8]
     rng.shuffle(parts)
-    return ", ".join([f"a photo of a {s['kind']}"] + parts)
+    return ", ".join([f"a photo of a {subject['kind']}"] + parts)
 
 
 def base_images(n, seed):

@@ -75,11 +75,7 @@ def tiny():
 
 def group_caption(g):
     """The captioned attributes of look-alike group g, background left out: what text alone can say."""
-    s = world.GROUPS[g]
-    if s["kind"] == "face":
-        hair = "bald" if s["style"] == "bald" else f"{s['hair']} {s['style']} hair"
-        return f"a photo of a face, {s['skin']} skin, {hair}, {s['eyes']} eyes" + (", glasses" if s["glasses"] else "")
-    return f"a photo of a building, {s['walls']} walls, {s['roof_colour']} {s['roof']} roof, {world.FLOORS[s['floors'] - 1]}"
+    return ", ".join([f"a photo of a {world.GROUPS[g]['kind']}"] + world.attributes(world.GROUPS[g]))
 
 
 def test_shipped_model_loads_strictly_and_follows_captions(tiny):
