@@ -17,8 +17,9 @@ world's own images (not on any run):
 Forgetting of concept j = R[j][j] - R[T][j] (accuracy; for MMD the increase), averaged over j < T.
 
 The classifier is trained on its own split of concept images, each seen through the tiny model's
-VAE half the time and degraded the way samples are (blur, noise, colour and position shifts), so
-that it judges a concept by what a model can draw, not by the drawings' crisp edges.
+VAE half the time and degraded the way samples are (blur, a colour wash, blotches, faded colour, noise,
+position shifts), so that it judges a concept by what a model can draw, not by the drawings' crisp
+edges or true colours.
 
 Writes into the run folder: eval.md (tables), eval.json (the matrices), eval_matrix.png (the accuracy
 matrix as a picture) and eval_final.png (every concept after the last task, one row each).
@@ -77,14 +78,21 @@ def through_vae(vae, x):
 
 
 def degrade(x, g):
-    """The ways a sample differs from a drawing: blur, noise, colour and contrast shifts, a few pixels
-    of shift, a mirror image (training mirrors the photos). x: (N, 3, H, W) in [-1, 1]."""
+    """The ways a sample differs from a drawing: blur, a colour wash over the whole image, blotches
+    (low-frequency noise), faded colour, contrast and brightness shifts, pixel noise, a few pixels of
+    shift, a mirror image (training mirrors the photos). x: (N, 3, H, W) in [-1, 1]."""
     n, c, h, w = x.shape
-    sigma = (torch.rand(n, generator=g) * 1.2).clamp(min=0.05)
-    k = torch.exp(-torch.arange(-2, 3).float() ** 2 / (2 * sigma[:, None] ** 2))
+    sigma = (torch.rand(n, generator=g) * 2.0).clamp(min=0.05)
+    k = torch.exp(-torch.arange(-3, 4).float() ** 2 / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
-    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(c, 0)[:, None]  # (n*c, 1, 5, 5): a Gaussian per image
-    x = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate"), kernel, groups=n * c).reshape(n, c, h, w)
+    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(c, 0)[:, None]  # (n*c, 1, 7, 7): a Gaussian per image
+    x = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate"), kernel, groups=n * c).reshape(n, c, h, w)
+    wash = 0.35 * torch.rand(n, 1, 1, 1, generator=g)  # blend toward one random colour
+    x = x * (1 - wash) + wash * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+    blotches = F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    x = x + 0.15 * torch.rand(n, 1, 1, 1, generator=g) * blotches
+    fade = 0.3 * torch.rand(n, 1, 1, 1, generator=g)  # toward grey
+    x = x * (1 - fade) + fade * x.mean(1, keepdim=True)
     gain = 1 + 0.25 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5)  # per-channel colour shift
     mean = x.mean((1, 2, 3), keepdim=True)
     contrast = 1 + 0.4 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
