@@ -67,8 +67,8 @@ DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
                 mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
-    "tiny-world": dict(rank=8, lam=1e3, steps=250, batch=8, res=world.SIZE, grid_steps=20, cfg=3.0,
-                       lr={"clora": 1e-2, "lora": 1e-2, "ti": 5e-2, "kv": 1e-3, "stamina": 1e-2},
+    "tiny-world": dict(rank=16, lam=1e3, steps=1000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0,
+                       lr={"clora": 1e-3, "lora": 1e-3, "ti": 5e-2, "kv": 1e-4, "stamina": 1e-3},
                        token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
                        mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
 }
