@@ -254,12 +254,20 @@ def together(fn):
     return out
 
 
+def stopped(*_):
+    """Exit saying once that the processes were stopped (torchrun's SIGTERM, or a peer gone in a
+    collective). A SIGTERM that arrives while this process exits is ignored: raised inside Python's
+    exit handlers it would print the line a second time, in a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(f"error: {STOPPED}" if RANK == 0 else 1)
+
+
 def join_processes(args):
     """Join torchrun's process group and take this rank's device: GPU LOCAL_RANK with --device cuda."""
     dist.init_process_group()  # no backend named: gloo for CPU tensors, and NCCL for CUDA ones where torch has it
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: {STOPPED}" if RANK == 0 else 1))  # how torchrun stops the rest
+    signal.signal(signal.SIGTERM, stopped)  # how torchrun stops the rest
 
     def device():
         if args.device not in ("cpu", "cuda"):
@@ -486,7 +494,7 @@ def main(argv=None):
     except RuntimeError as e:  # a collective whose peer is gone (NCCL: a DistError; gloo: "Connection closed by peer")
         if WORLD == 1 or not (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
             raise
-        sys.exit(f"error: {STOPPED}" if RANK == 0 else 1)
+        stopped()
     if dist.is_initialized():
         dist.destroy_process_group()
 
