@@ -80,7 +80,8 @@ def through_vae(vae, x):
 def degrade(x, g):
     """The ways a sample differs from a drawing: blur, a colour wash over the whole image, blotches
     (low-frequency noise), faded colour, contrast and brightness shifts, pixel noise, a few pixels of
-    shift, a mirror image (training mirrors the photos). x: (N, 3, H, W) in [-1, 1]."""
+    shift. No mirror image: a mark's side is part of the concept, and the tiny model trains without
+    mirroring (`train.DEFAULTS`). x: (N, 3, H, W) in [-1, 1]."""
     n, c, h, w = x.shape
     sigma = (torch.rand(n, generator=g) * 2.0).clamp(min=0.05)
     k = torch.exp(-torch.arange(-3, 4).float() ** 2 / (2 * sigma[:, None] ** 2))
@@ -99,9 +100,7 @@ def degrade(x, g):
     x = (x - mean) * contrast + mean
     x = x * gain + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5) + 0.06 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
     dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=g))
-    x = F.pad(x, (3, 3, 3, 3), mode="replicate")[:, :, 3 + dy:3 + dy + h, 3 + dx:3 + dx + w]
-    flip = torch.rand(n, generator=g) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x).clamp(-1, 1)
+    return F.pad(x, (3, 3, 3, 3), mode="replicate")[:, :, 3 + dy:3 + dy + h, 3 + dx:3 + dx + w].clamp(-1, 1)
 
 
 def train_classifier(path, vae, per_class=160, epochs=14, seed=0):

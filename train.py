@@ -64,22 +64,22 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 # known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity and hardening are ours,
 # untested on SD 1.x, and provisional on the tiny model (README, "STAMINA").
 DEFAULTS = {
-    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5,
+    "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, mirror=True,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
                 mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
-    "tiny-world": dict(rank=16, lam=1e3, steps=1000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0,
+    "tiny-world": dict(rank=16, lam=1e3, steps=2000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0, mirror=False,
                        lr={"clora": 1e-3, "lora": 1e-3, "ti": 5e-2, "kv": 1e-4, "stamina": 1e-3},
                        token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
                        mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
 }
 PER_METHOD = ("lr", "token_lr")  # settings given per method; a token_lr of None means: the tokens train at lr
-SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "lr", "token_lr")
+SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "mirror", "lr", "token_lr")
 STAMINA = ("mask_lr", "sparsity", "hardening")  # settings of --method stamina alone, defaulted per model too
 WORLD_DATA = Path(f"data/world-v{world.VERSION}")  # versioned: a folder of another world's images is never reused
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 # What a task's result depends on besides its task, word, data, base and earlier tasks: a partial
 # checkpoint records them all and is resumed only under the same (`resume_state`).
-PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "seed", "dtype", "mask_lr",
+PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "mirror", "seed", "dtype", "mask_lr",
                 "sparsity", "hardening", "mask", "mlp_tokens")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity")
@@ -385,9 +385,10 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
     stop = (f"task {task} {word}: the loss or the weights are no longer finite at step {{}}; stopped before saving them "
             f"(lower --lr, now {args.lr:g}, or --token-lr / --lam, and run again)")
 
-    # VAE latents of the few images (and their mirror images) once per task, as distribution parameters.
+    # VAE latents of the few images (and, with --mirror, their mirror images) once per task, as distribution parameters.
     with torch.no_grad():
-        pixels = torch.cat([images, images.flip(-1)]).to(device, next(vae.parameters()).dtype)
+        pixels = torch.cat([images, images.flip(-1)]) if args.mirror else images
+        pixels = pixels.to(device, next(vae.parameters()).dtype)
         mean, logvar = (t.float() for t in vae.encode(pixels))
     ac = alphas_cumprod().to(device)
     lam = args.lam if adapter.penalized else 0.0
@@ -478,6 +479,8 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, help="guidance scale of the sample grid (SD 1.x: 7.5)")
     p.add_argument("--tokens", type=int, default=2, help="token embeddings per concept")
     p.add_argument("--batch", type=int, help="images per step (SD 1.x: 1)")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="train on the mirror images too (SD 1.x: yes; "
+                   "the tiny world: no, its marks sit on one side)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint the task in training every N steps")
     p.add_argument("--overwrite", action="store_true", help="retrain task --task even if the run has it")
     p.add_argument("--seed", type=int, default=0)
@@ -646,7 +649,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
             path = task_file(run_dir, task)
             save_safetensors(tensors, path, metadata={"word": word, "task": task, "method": args.method})
             record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
-                      "token_lr": args.token_lr, "lam": args.lam, "processes": WORLD, "file": path.name, "sha256": sha256(path),
+                      "token_lr": args.token_lr, "lam": args.lam, "mirror": args.mirror, "processes": WORLD, "file": path.name, "sha256": sha256(path),
                       "delta_norm": norms}
             if args.method == "stamina":
                 record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())

@@ -142,3 +142,15 @@ def test_token_lr_trains_the_tokens_apart_from_the_factors(tiny_ckpt, data, tmp_
     assert np.array_equal(a["tokens"], init["tokens"]) and not np.allclose(b["tokens"], init["tokens"])
     task = json.loads((runs["factors_frozen"] / "run.json").read_text())["tasks"][0]
     assert (task["lr"], task["token_lr"]) == (0.0, 1e-2)
+
+
+def test_mirror_setting_decides_the_training_images(tiny_ckpt, data, tmp_path, monkeypatch):
+    import vae
+    seen, encode = [], vae.VAE.encode
+    monkeypatch.setattr(vae.VAE, "encode", lambda self, x: seen.append(len(x)) or encode(self, x))
+    ckpt, _ = tiny_ckpt
+    for flag in ([], ["--no-mirror"]):  # an SD checkpoint's default: the 3 photos and their mirror images
+        train.main(args(ckpt, data, tmp_path / f"run{len(flag)}", 1, *flag))
+    assert seen == [6, 3], seen
+    tasks = [json.loads((tmp_path / f"run{i}" / "run.json").read_text())["tasks"][0] for i in (0, 1)]
+    assert [t["mirror"] for t in tasks] == [True, False] and train.DEFAULTS["tiny-world"]["mirror"] is False
