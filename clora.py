@@ -29,20 +29,23 @@ available, so this is a RECONSTRUCTION; every choice marked (R) is ours, not the
 
     W_t   = W_init + sum_{t'<t} H_t' * (A_t' B_t') + M_t * (A_t B_t)        * element-wise
     L_t   = U_t tanh(V_t) + b_t 1^T            U: (out, m), V: (m, in), b: (out,), m = MASK_HIDDEN   (R)
-    M_t   = sigmoid(s L_t), s = 1/S_MAX -> S_MAX linearly over the task's steps  (`sigmoid-anneal`,
+    M_t   = F_t * sigmoid(s L_t), s = 1/S_MAX -> S_MAX linearly over the task's steps  (`sigmoid-anneal`,
             the hard attention to the task of Serra et al. 2018)                                     (R)
-       or   1[L_t > 0] forward, the gradient of sigmoid(L_t) backward  (`ste`, straight-through)     (R)
-    H_t   = 1[L_t > 0]: the binary mask every finished task folds with, stored as bits              (R)
-    loss  = || eps - eps_theta ||^2 + rho * mean over all masked entries of sigmoid(s L_t)          (R)
+       or   F_t * 1[L_t > 0] forward, the gradient of sigmoid(L_t) backward  (`ste`, straight-through) (R)
+    F_t   = 1 - (H_1 | ... | H_t-1) with `steer` (the entries no earlier task wrote), else 1         (R)
+    H_t   = F_t * 1[L_t > 0]: the binary mask every finished task folds with, stored as bits        (R)
+    loss  = || eps - eps_theta ||^2 + rho * (sum of M_t over its entries) / (number of entries)     (R)
     e_t   = z_t + W2 gelu(W1 z_t + b1) + b2   the concept's n token rows; z_t: (n, width), W2 = b2 = 0
             at init; folded into plain embedding rows when the task ends ("customized MLP tokens")   (R)
 
 "Low-rank MLP" (R): column j of L is a two-layer MLP of hidden width m over the one-hot index of
 input j (first layer V, tanh, second layer U, bias b), so rank(L) <= m + 1 and the mask costs
 (out + in) m + out parameters instead of out x in. The mask starts open (b = 1): a task first learns
-as LoRA and the sparsity term closes the entries it does not need (R). Earlier masks do not steer
-where later tasks write and C-LoRA's penalty is off (R; both open to measurement). Ablations:
-`mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (plain token rows).
+as LoRA and the sparsity term closes the entries it does not need (R). With `steer`, earlier masks
+steer: a task writes only entries that no earlier task wrote, as HAT protects earlier tasks' units,
+so an old concept's weights are never changed (though a new delta still acts on its prompts) and the
+free entries run out over a long stream unless the masks are sparse (R). C-LoRA's penalty is off (R).
+Ablations: `mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (plain token rows).
 """
 import json
 import re
@@ -88,15 +91,18 @@ class KVDelta(nn.Module):
         assert base.bias is None, "SD 1.x K/V projections have no bias"
         self.weight = base.weight.requires_grad_(False)
         self.register_buffer("past", torch.zeros_like(self.weight, dtype=torch.float32), persistent=False)
+        # STAMINA: the entries some finished task's hard mask left open (its `steer` writes elsewhere).
+        self.register_buffer("taken", torch.zeros_like(self.weight, dtype=torch.bool), persistent=False)
         self.A = self.B = self.D = self.mask = None
 
-    def start(self, kind, rank, generator, hardening=None):
-        """A fresh delta of `kind`; with `hardening` (STAMINA), gated by a fresh Mask."""
+    def start(self, kind, rank, generator, hardening=None, steer=False):
+        """A fresh delta of `kind`; with `hardening` (STAMINA), gated by a fresh Mask, and with `steer`
+        kept off the entries earlier tasks took."""
         out, inp = self.weight.shape
         dev = self.weight.device
         self.A = self.B = self.D = self.mask = None
         if hardening:
-            self.mask = Mask(out, inp, hardening, generator, dev)
+            self.mask = Mask(out, inp, hardening, generator, dev, ~self.taken if steer else None)
         if kind == "lowrank":
             # A = 0, B random: the delta starts at exactly zero (LoRA's init).
             self.A = nn.Parameter(torch.zeros(out, rank, device=dev))
@@ -108,7 +114,8 @@ class KVDelta(nn.Module):
         """The binary mask the current task folds with: 1[L > 0], all ones without a Mask."""
         if self.mask is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
-        return self.mask.logits() > 0
+        hard = self.mask.logits() > 0
+        return hard if self.mask.free is None else hard & self.mask.free
 
     def delta(self):
         """The current task's delta (out, in) as it folds (masked by the hard mask), or None when this
@@ -123,7 +130,7 @@ class KVDelta(nn.Module):
         y = F.linear(x, self.weight + self.past.to(self.weight.dtype))  # both frozen: nothing saved for backward
         if self.mask is not None:  # a masked delta is an (out, in) matrix whichever way it is computed
             m = self.mask
-            d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste) if m.relaxed else self.delta()
+            d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste, m.free) if m.relaxed else self.delta()
             return y + F.linear(x, d.to(x.dtype))
         # The current task's term through its factors, x B^T A^T: never an (out, in) matrix in the graph.
         if self.A is not None:
@@ -136,15 +143,17 @@ class KVDelta(nn.Module):
 class Mask(nn.Module):
     """STAMINA's mask over the (out, in) entries of one projection's delta (R, see the module docstring):
     logits L = U tanh(V) + b 1^T. `relaxed` (set by CLoRA.set_slope while training) selects the training
-    form at slope `s`; otherwise the layer uses the hard mask, the one that folds."""
+    form at slope `s`; otherwise the layer uses the hard mask, the one that folds. `free` (bool, or None
+    for all): the entries the mask may open."""
 
-    def __init__(self, out, inp, hardening, generator, device):
+    def __init__(self, out, inp, hardening, generator, device, free=None):
         super().__init__()
         m = MASK_HIDDEN
         self.U = nn.Parameter((torch.randn(out, m, generator=generator) / m**0.5).to(device))
         self.V = nn.Parameter(torch.randn(m, inp, generator=generator).to(device))
         self.b = nn.Parameter(torch.ones(out, device=device))  # L ~ 1 +- 0.6: the mask starts (nearly) open (R)
         self.ste = hardening == "ste"
+        self.free = free
         # A tensor, not a float: a new slope every step must not recompile a torch.compile'd UNet.
         self.register_buffer("s", torch.ones((), device=device), persistent=False)
         self.relaxed = False
@@ -152,29 +161,37 @@ class Mask(nn.Module):
     def logits(self):
         return self.U @ self.V.tanh() + self.b[:, None]
 
+    def relaxed_mask(self):
+        """sigmoid(s L), zero off the free entries: what the sparsity term counts."""
+        m = torch.sigmoid(self.s * self.logits())
+        return m if self.free is None else m * self.free
+
 
 class MaskedDelta(torch.autograd.Function):
-    """The masked delta in training, sigmoid(s L) * (A B) with L = U tanh(V) + b 1^T, or with `ste`
-    1[L > 0] * (A B) forward and sigmoid(s L)'s gradient backward. Written out so that backward saves
-    only the factors: plain autograd would keep A B, the mask and their product, each (out, in)
-    (3 x 77 MB over SD 1.x's K/V layers); here they are recomputed."""
+    """The masked delta in training, F * sigmoid(s L) * (A B) with L = U tanh(V) + b 1^T, or with `ste`
+    F * 1[L > 0] * (A B) forward and sigmoid(s L)'s gradient backward; F: the free entries (None: all).
+    Written out so that backward saves only the factors: plain autograd would keep A B, the mask and
+    their product, each (out, in) (3 x 77 MB over SD 1.x's K/V layers); here they are recomputed."""
 
     @staticmethod
-    def forward(ctx, A, B, U, V, b, s, ste):
-        ctx.save_for_backward(A, B, U, V, b, s)
+    def forward(ctx, A, B, U, V, b, s, ste, free=None):
+        ctx.save_for_backward(A, B, U, V, b, s, free)
         ctx.ste = ste
         L = U @ V.tanh() + b[:, None]
-        return ((L > 0).to(A.dtype) if ste else torch.sigmoid(s * L)) * (A @ B)
+        mask = (L > 0).to(A.dtype) if ste else torch.sigmoid(s * L)
+        return (mask if free is None else mask * free) * (A @ B)
 
     @staticmethod
     def backward(ctx, G):
-        A, B, U, V, b, s = ctx.saved_tensors
+        A, B, U, V, b, s, free = ctx.saved_tensors
+        if free is not None:  # nothing flows through the entries the mask may not open
+            G = G * free
         h = V.tanh()
         L = U @ h + b[:, None]
         sig = torch.sigmoid(s * L)
         dP = G * ((L > 0).to(G.dtype) if ctx.ste else sig)  # through the product, at the forward's mask
         dL = G * (A @ B) * (s * sig * (1 - sig))  # through the mask: d sigmoid(s L) / dL
-        return dP @ B.T, A.T @ dP, dL @ h.T, (U.T @ dL) * (1 - h * h), dL.sum(1), None, None
+        return dP @ B.T, A.T @ dP, dL @ h.T, (U.T @ dL) * (1 - h * h), dL.sum(1), None, None, None
 
 
 class HadamardPenalty(torch.autograd.Function):
@@ -242,8 +259,8 @@ class ConceptEmbedding(nn.Module):
 
 class CLoRA(nn.Module):
     def __init__(self, unet, text_encoder, tokenizer, method="clora", rank=16, mask=True, mlp_tokens=True,
-                 hardening="sigmoid-anneal"):
-        """`mask`, `mlp_tokens` and `hardening` are STAMINA's ablations and apply to it alone; tasks
+                 hardening="sigmoid-anneal", steer=False):
+        """`mask`, `mlp_tokens`, `hardening` and `steer` are STAMINA's settings and apply to it alone; tasks
         already trained load without them (their files hold the folded tokens and the binary masks)."""
         super().__init__()
         if method not in METHODS:
@@ -255,6 +272,7 @@ class CLoRA(nn.Module):
         stamina = method == "stamina"
         self.hardening = hardening if stamina and mask else None  # None: no mask
         self.mlp_tokens = stamina and mlp_tokens
+        self.steer = bool(self.hardening) and steer
         self.words = []  # concept words, in task order
         # Swap the target modules for wrappers that hold the very same base Parameters. Names are
         # the UNet's own module names, which also key every saved factor.
@@ -297,7 +315,7 @@ class CLoRA(nn.Module):
         rows = torch.randn(n_tokens, base.shape[1], generator=g) * base.float().std().item()
         self.embedding.start(rows.to(base.device), self.mlp_tokens, g)
         for layer in self.kv.values():
-            layer.start(self.kind, self.rank, g, self.hardening)
+            layer.start(self.kind, self.rank, g, self.hardening, self.steer)
 
     def set_slope(self, s):
         """Every mask in its training form at slope s (see `slope`), or with s None in its hard form."""
@@ -320,7 +338,9 @@ class CLoRA(nn.Module):
             if self.kind == "lowrank":
                 d = tensors[key + ".A"].float() @ tensors[key + ".B"].float()
                 if self.method == "stamina":
-                    d = unpack_bits(tensors[key + ".M"], d.shape) * d
+                    m = unpack_bits(tensors[key + ".M"], d.shape).to(layer.past.device)
+                    layer.taken |= m
+                    d = m * d.to(m.device)
                 layer.past += d.to(layer.past.device)
             elif self.kind == "full":
                 layer.past += tensors[key + ".D"].float().to(layer.past.device)
@@ -344,6 +364,8 @@ class CLoRA(nn.Module):
             d = layer.delta()
             if d is not None:
                 layer.past += d.detach().float()
+            if layer.mask is not None:
+                layer.taken |= layer.hard_mask()
             layer.A = layer.B = layer.D = layer.mask = None
         self.embedding.past = torch.cat([self.embedding.past, self.embedding.current().detach().float()])
         self.embedding.new = nn.Parameter(self.embedding.past[:0].clone())
@@ -363,6 +385,12 @@ class CLoRA(nn.Module):
         """Fraction of the current task's K/V entries its hard masks leave open (1 without masks)."""
         open_ = sum(layer.hard_mask().sum().item() for layer in self.kv.values())
         return open_ / sum(layer.weight.numel() for layer in self.kv.values())
+
+    def taken_density(self):
+        """Fraction of the K/V entries some STAMINA task so far, the current one included, wrote (its
+        hard mask left open): with `steer`, what later tasks can no longer write."""
+        taken = sum((layer.taken | layer.hard_mask() if layer.mask else layer.taken).sum().item() for layer in self.kv.values())
+        return taken / sum(layer.weight.numel() for layer in self.kv.values())
 
     def fold(self):
         """Replace the wrappers by plain nn.Linear / nn.Embedding holding W_init + every delta and the
@@ -397,9 +425,10 @@ class CLoRA(nn.Module):
                 "tokens": [p for p in ps if id(p) in tokens]}
 
     def sparsity(self):
-        """STAMINA's sparsity term: the mean of the relaxed masks sigmoid(s L) over every masked entry (R)."""
+        """STAMINA's sparsity term: the relaxed masks' sum over every masked entry, divided by the number
+        of entries (R): with `steer`, entries the mask may not open count as closed."""
         masks = [layer.mask for layer in self.kv.values() if layer.mask is not None]
-        return sum(torch.sigmoid(m.s * m.logits()).sum() for m in masks) / sum(m.U.shape[0] * m.V.shape[1] for m in masks)
+        return sum(m.relaxed_mask().sum() for m in masks) / sum(m.U.shape[0] * m.V.shape[1] for m in masks)
 
     def penalty(self):
         """sum over layers of || |past| * A B ||_F^2; zero at task 1 (past = 0) and for methods without it."""

@@ -66,23 +66,24 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, mirror=True,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
-                mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
+                mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
     "tiny-world": dict(rank=16, lam=1e3, steps=2000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0, mirror=False,
                        lr={"clora": 1e-3, "lora": 1e-3, "ti": 5e-2, "kv": 1e-4, "stamina": 1e-3},
                        token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
-                       mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal"),
+                       mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
 }
 PER_METHOD = ("lr", "token_lr")  # settings given per method; a token_lr of None means: the tokens train at lr
 SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "mirror", "lr", "token_lr")
-STAMINA = ("mask_lr", "sparsity", "hardening")  # settings of --method stamina alone, defaulted per model too
+STAMINA = ("mask_lr", "sparsity", "hardening", "steer")  # settings of --method stamina alone, defaulted per model too
 WORLD_DATA = Path(f"data/world-v{world.VERSION}")  # versioned: a folder of another world's images is never reused
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 # What a task's result depends on besides its task, word, data, base and earlier tasks: a partial
 # checkpoint records them all and is resumed only under the same (`resume_state`).
 PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "mirror", "seed", "dtype", "mask_lr",
-                "sparsity", "hardening", "mask", "mlp_tokens")
+                "sparsity", "hardening", "steer", "mask", "mlp_tokens")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
-RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity")
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
+OLD_RUNS = {"steer": False}  # what a STAMINA run made before a setting existed used
 
 
 class TrainError(Exception):
@@ -164,7 +165,7 @@ def open_run(run_dir, settings):
         return {**settings, "tasks": []}
     run = read_run(run_dir)
     for k in RUN_KEYS:
-        if run.get(k) != settings.get(k):
+        if run.get(k, OLD_RUNS.get(k) if k in settings else None) != settings.get(k):
             what = "base checkpoint" if k == "base_sha256" else k
             raise TrainError(f"{Path(run_dir) / 'run.json'}: this run was made with {what} {run.get(k)!r}, not "
                              f"{settings.get(k)!r}; use the same one or start a new --run folder")
@@ -462,12 +463,14 @@ def main(argv=None):
                    "runs/<data>-<method> (under torchrun spell it --run-dir: torchrun reads --run as its own --run-path)")
     p.add_argument("--ckpt", help="SD 1.x checkpoint; default: the first one in weights/, else the embedded tiny model")
     p.add_argument("--method", choices=METHODS, default="clora")
-    # STAMINA's settings and ablations (--method stamina only; the four below are fixed for a run).
+    # STAMINA's settings and ablations (--method stamina only; all but --mask-lr are fixed for a run).
     p.add_argument("--no-mask", dest="mask", action="store_false", help="stamina ablation: no masks (stacked LoRA, MLP tokens)")
     p.add_argument("--no-mlp-tokens", dest="mlp_tokens", action="store_false", help="stamina ablation: plain token rows")
     p.add_argument("--hardening", choices=HARDENING, help="how the masks harden in training (default: sigmoid-anneal)")
     p.add_argument("--sparsity", type=float, help="weight of the masks' sparsity term, >= 0 (SD 1.x: 1e-2)")
     p.add_argument("--mask-lr", type=float, help="learning rate of the mask MLPs (SD 1.x: 1e-2)")
+    p.add_argument("--steer", action=argparse.BooleanOptionalAction,
+                   help="a task's mask may open only entries no earlier task opened (default: off)")
     # The settings below default per model (DEFAULTS): the paper's values on SD 1.x.
     p.add_argument("--rank", type=int, help="rank of A_t B_t (SD 1.x: 16)")
     p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
@@ -543,7 +546,7 @@ def check_args(args):
 
 def check_stamina(args):
     """STAMINA's flags with another method, or a negative sparsity weight, are errors, not ignored."""
-    given = [f"--{k.replace('_', '-')}" for k in STAMINA if getattr(args, k) is not None]
+    given = [f"--{'no-' if getattr(args, k) is False else ''}{k.replace('_', '-')}" for k in STAMINA if getattr(args, k) is not None]
     given += [f"--no-{k.replace('_', '-')}" for k in ("mask", "mlp_tokens") if not getattr(args, k)]
     if given and args.method != "stamina":
         raise TrainError(f"{', '.join(given)}: settings of --method stamina, not of {args.method}")
@@ -569,7 +572,8 @@ def prepare(args):
     settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
                 "tokens_per_concept": args.tokens}
     if args.method == "stamina":
-        settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity)
+        settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity,
+                        steer=args.steer)
     if args.batch % WORLD:
         raise TrainError(f"--batch {args.batch}: the global batch must be a multiple of the {WORLD} processes, each of which "
                          f"trains on an equal slice of it; pass --batch {WORLD} (or a multiple), or start fewer processes")
@@ -614,7 +618,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
     if args.res % size_multiple(model):
         raise TrainError(f"--res {args.res}: must be a multiple of {size_multiple(model)} for this model")
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank, args.mask, args.mlp_tokens,
-                    args.hardening)
+                    args.hardening, args.steer)
     for task, (word, folder) in enumerate(stream[: args.task], start=1):
         grid, partial = run_dir / f"grid_task_{task:02d}.png", run_dir / f"task_{task:02d}.partial.safetensors"
         if task not in images:
@@ -652,7 +656,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
                       "token_lr": args.token_lr, "lam": args.lam, "mirror": args.mirror, "processes": WORLD, "file": path.name, "sha256": sha256(path),
                       "delta_norm": norms}
             if args.method == "stamina":
-                record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density())
+                record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density(), taken=adapter.taken_density())
             done[task] = record
             state["tasks"] = [done[t] for t in sorted(done)]
             write_json(state, run_dir / "run.json")

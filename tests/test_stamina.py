@@ -103,10 +103,14 @@ def test_relaxed_mask_gradient_equals_autograd_of_its_formula():
         relaxed = torch.sigmoid(s * L)
         return ((L > 0).double() + relaxed - relaxed.detach() if ste else relaxed) * (A @ B)
 
+    free = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) > 0.4  # `steer`: the entries open to the task
+    torch.autograd.gradcheck(lambda *x: MaskedDelta.apply(*x, s, False, free), (A, B, U, V, b))
     for ste in (False, True):
-        ours = MaskedDelta.apply(A, B, U, V, b, s, ste)
-        assert torch.allclose(ours, formula(ste))
-        assert all(torch.allclose(x, y) for x, y in zip(grads(ours), grads(formula(ste))))
+        for F_ in (None, free):
+            ours = MaskedDelta.apply(A, B, U, V, b, s, ste, F_)
+            plain = formula(ste) if F_ is None else formula(ste) * F_
+            assert torch.allclose(ours, plain)
+            assert all(torch.allclose(x, y) for x, y in zip(grads(ours), grads(plain)))
 
 
 def train_steps(adapter, unet, text, steps, rho=0.0, lr=1e-2):
@@ -160,6 +164,35 @@ def test_sparsity_term_is_the_mean_relaxed_mask_and_closes_entries():
         train_steps(adapter, unet, text, 6, rho=rho, lr=0.2)
         densities[rho] = adapter.mask_density()
     assert densities[10.0] < densities[0.0] - 0.1
+
+
+@torch.no_grad()
+def test_steering_masks_keep_later_tasks_off_earlier_entries(tmp_path):
+    text, unet, adapter = setup(steer=True)
+    adapter.start_task("<a>")
+    randomize(adapter, 1)
+    first = {n: layer.hard_mask().clone() for n, layer in adapter.kv.items()}
+    save_safetensors(adapter.task_tensors(), tmp_path / "a.safetensors")
+    after_a = adapter.taken_density()
+    adapter.finish_task()
+    past_a = {n: layer.past.clone() for n, layer in adapter.kv.items()}
+    adapter.start_task("<b>")
+    randomize(adapter, 2)  # logits that would open entries of <a>'s too, were they free
+    assert any((layer.mask.logits() > 0)[first[n]].any() for n, layer in adapter.kv.items())
+    for n, layer in adapter.kv.items():
+        assert not (layer.hard_mask() & first[n]).any()  # ... but the hard mask keeps off them
+        layer.mask.relaxed, layer.mask.s = True, torch.tensor(2.0)
+        trained = MaskedDelta.apply(layer.A, layer.B, layer.mask.U, layer.mask.V, layer.mask.b, layer.mask.s,
+                                    layer.mask.ste, layer.mask.free)
+        assert not trained[first[n]].any()  # and so does the training form
+    assert adapter.taken_density() > after_a
+    adapter.finish_task()
+    for n, layer in adapter.kv.items():  # task 1's entries hold exactly what task 1 wrote
+        assert torch.equal(layer.past[first[n]], past_a[n][first[n]])
+    # A run resumed from the files steers the same way: the taken entries come from the stored masks.
+    _, _, fresh = setup(steer=True)
+    fresh.load_task("<a>", read_state_dict(tmp_path / "a.safetensors"))
+    assert all(torch.equal(fresh.kv[n].taken, first[n]) for n in first)
 
 
 @torch.no_grad()
@@ -225,6 +258,8 @@ def test_three_tasks_stack_and_sample(tiny_ckpt, data, tmp_path):
     assert [t["word"] for t in desc["tasks"]] == words
     assert (desc["method"], desc["mask"], desc["mlp_tokens"], desc["hardening"], desc["sparsity"]) == ("stamina", True, True, "sigmoid-anneal", 1.0)
     assert all(0 < t["mask_density"] < 1 and t["mask_lr"] == 0.2 for t in desc["tasks"])
+    taken = [t["taken"] for t in desc["tasks"]]  # the union of the hard masks so far: it only grows
+    assert taken[0] == desc["tasks"][0]["mask_density"] and taken == sorted(taken) and taken[-1] <= 1
     # Stacking: the run folds to the base weights plus every task's hard-masked product.
     files = [read_state_dict(run / f"task_0{i}.safetensors") for i in (1, 2, 3)]
     model = sample.StableDiffusion.load(ckpt)
@@ -281,9 +316,10 @@ def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, 
                         (("--no-mlp-tokens",), "made with mlp_tokens True, not False"),
                         (("--hardening", "ste"), "made with hardening 'sigmoid-anneal', not 'ste'"),
                         (("--sparsity", "0.5"), "made with sparsity 0.01, not 0.5"),
+                        (("--steer",), "made with steer False, not True"),
                         (("--sparsity", "-1"), r"^error: --sparsity -1.0: the sparsity weight must be >= 0$"),
-                        (("--method", "lora", "--no-mask", "--sparsity", "0"),
-                         r"^error: --sparsity, --no-mask: settings of --method stamina, not of lora$")]:
+                        (("--method", "lora", "--no-mask", "--sparsity", "0", "--no-steer"),
+                         r"^error: --sparsity, --no-steer, --no-mask: settings of --method stamina, not of lora$")]:
         with pytest.raises(SystemExit, match=says):
             train.main(args(ckpt, data, run, 2, *extra))
         assert snapshot(run) == before
@@ -291,6 +327,12 @@ def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, 
         train.main(args(ckpt, data, run, 2, "--hardening", "gumbel"))
     assert e.value.code != 0 and "invalid choice: 'gumbel'" in capsys.readouterr().err
     assert snapshot(run) == before
+    # A run made before --steer existed did not steer, and goes on as such.
+    desc = json.loads((run / "run.json").read_text())
+    del desc["steer"]
+    (run / "run.json").write_text(json.dumps(desc))
+    train.main(args(ckpt, data, run, 2))
+    assert [t["task"] for t in json.loads((run / "run.json").read_text())["tasks"]] == [1, 2]
 
 
 def test_task_is_stored_with_hard_masks(tiny_ckpt, data, tmp_path, monkeypatch):
