@@ -39,7 +39,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import world
+from checkpoint import atomic_write
 from clora import METHODS
+from sample import save_png
 
 DEFAULT_METHODS = ("clora", "lora", "ti", "kv")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # t(0.975, n - 1)
@@ -170,7 +172,7 @@ def matrices_png(out, methods, seed):
         d.text((x + 6, 4), f"{m} (seed {seed}): accuracy after task i (rows) of concept j (columns)", fill=(0, 0, 0))
         canvas.paste(im, (x, 20))
         x += im.width
-    canvas.save(Path(out) / "matrices.png")
+    save_png(canvas, Path(out) / "matrices.png")
 
 
 COLOURS = [(200, 40, 40), (40, 90, 200), (40, 150, 60), (150, 60, 170), (220, 130, 20), (90, 90, 90)]
@@ -205,7 +207,27 @@ def curves_png(results, methods, seeds, path, W=640, H=260):
         d.text((x0 + 8 + c * 90, y0 + H + 22), f"{m}", fill=colour)
     d.text((x0 + 8 + len(streams) * 90, y0 + H + 22), "line: right after learning; dots: after the last task (task index)",
            fill=(0, 0, 0))
-    im.save(path)
+    save_png(im, path)
+
+
+def write_text(text, path):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def claim(out, train_args):
+    """An --out folder holds the runs of one set of train.py flags: a later call keeps and reuses the
+    runs it finds there (train.py keeps a run's tasks), so a call with other flags, or into a folder of
+    runs that does not say which flags made them, is refused before anything runs."""
+    path = out / "experiment.json"
+    if path.exists():
+        made = json.loads(path.read_text()).get("train_args")
+        if made != train_args:
+            sys.exit(f"error: {out} holds runs made with --train-args {made!r}, not {train_args!r}; pass another --out")
+    elif any(p.is_dir() and (p / "run.json").exists() for p in out.glob("*")):
+        sys.exit(f"error: {out} holds runs of an unknown experiment (no experiment.json); pass another --out")
+    else:
+        write_text(json.dumps({"train_args": train_args}) + "\n", path)
 
 
 def main(argv=None):
@@ -232,6 +254,7 @@ def main(argv=None):
     if unknown:
         p.error(f"--devices: no device {unknown[0]} here (this machine has: cpu{''.join(', ' + g for g in gpus)})")
     out = Path(args.out or ("runs/check" if args.check else "runs/experiment"))
+    claim(out, args.train_args)
     t0 = time.time()
     job_args = (str(out), args.train_args, args.n, args.every)
     if args.check:
@@ -267,8 +290,8 @@ def main(argv=None):
               "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
     md = header + "\n\n" + table(results, methods, seeds) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"minutes": minutes, "checks": lines, "results": results}, indent=1) + "\n")
+    write_text(md, out / "results.md")
+    write_text(json.dumps({"minutes": minutes, "checks": lines, "results": results}, indent=1) + "\n", out / "results.json")
     matrices_png(out, methods, seeds[0])
     curves_png(results, methods, seeds, out / "curves.png")
     print(md)

@@ -198,3 +198,18 @@ def test_experiment_refuses_bad_flags(capsys):
         with pytest.raises(SystemExit):
             experiment.main(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_experiment_refuses_a_folder_of_runs_made_with_other_flags(tmp_path):
+    """experiment.py keeps the runs it finds in --out: a call with other --train-args must not score them."""
+    out = tmp_path / "exp"
+    experiment.claim(out, "--lam 10")
+    experiment.claim(out, "--lam 10")  # the same flags: the runs are reused
+    with pytest.raises(SystemExit, match=r"holds runs made with --train-args '--lam 10', not '--lam 100'; pass another --out"):
+        experiment.claim(out, "--lam 100")
+    old = tmp_path / "old"
+    (old / "clora-s0").mkdir(parents=True)
+    (old / "clora-s0" / "run.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds runs of an unknown experiment"):
+        experiment.claim(old, "")
+    assert not (old / "experiment.json").exists()
