@@ -364,7 +364,7 @@ class CLoRA(nn.Module):
             d = layer.delta()
             if d is not None:
                 layer.past += d.detach().float()
-            if layer.mask is not None:
+            if self.method == "stamina":  # as a load of the task file does it (all ones with --no-mask)
                 layer.taken |= layer.hard_mask()
             layer.A = layer.B = layer.D = layer.mask = None
         self.embedding.past = torch.cat([self.embedding.past, self.embedding.current().detach().float()])
@@ -389,7 +389,7 @@ class CLoRA(nn.Module):
     def taken_density(self):
         """Fraction of the K/V entries some STAMINA task so far, the current one included, wrote (its
         hard mask left open): with `steer`, what later tasks can no longer write."""
-        taken = sum((layer.taken | layer.hard_mask() if layer.mask else layer.taken).sum().item() for layer in self.kv.values())
+        taken = sum((layer.taken | layer.hard_mask()).sum().item() for layer in self.kv.values())
         return taken / sum(layer.weight.numel() for layer in self.kv.values())
 
     def fold(self):
