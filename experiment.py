@@ -5,7 +5,8 @@ checks that show the experiment can tell the methods apart.
     python experiment.py                                       # 10 concepts, every method, 3 seeds + upper bound
     python experiment.py --check                               # the quick validity checks; non-zero exit if one fails
     python experiment.py --tasks 50 --every 10 --methods clora lora --no-upper-bound --out runs/long
-    python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args "--lam 1e4" --out runs/lam1e4
+    python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args="--lam 1e4" --out runs/lam1e4
+    python experiment.py --tasks 5 --every 5 --methods stamina --no-upper-bound --train-args=--no-mask --out runs/abl-no-mask
     python experiment.py --devices cuda:0,cuda:1                 # the runs spread over two GPUs (default: every visible one)
 
 Methods: those of clora.METHODS (clora; lora, the same stacking with lambda = 0; ti, tokens only; kv,
@@ -242,7 +243,8 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="the quick validity checks: exit 1 if one fails")
     p.add_argument("--workers", type=int, default=2, help="parallel jobs on the CPU, when there is no GPU and no --devices")
     p.add_argument("--devices", help="comma-separated, one job at a time on each: cuda:0,cuda:1 (default: every visible GPU)")
-    p.add_argument("--train-args", default="", help='extra train.py flags for every run, e.g. "--lam 1e4"')
+    p.add_argument("--train-args", default="", help='extra train.py flags for every run, given with "=": --train-args="--lam 1e4" '
+                   "(argparse reads a lone flag after a space, --train-args --no-mask, as experiment.py's own and stops)")
     args = p.parse_args(argv)
     if not 1 <= args.tasks <= len(world.CONCEPTS):
         p.error(f"--tasks must be 1-{len(world.CONCEPTS)}: the world has {len(world.CONCEPTS)} concepts")
