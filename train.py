@@ -59,10 +59,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the photo of {}", "a close-up photo of {}",
              "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
 # Per-model defaults, keyed by the checkpoint's metadata "model" (none: SD 1.x). SD 1.x: the paper's
-# settings. The tiny model: chosen on it (README, "The embedded default"); its lambda is scaled to the
-# size of its weights and deltas, as the paper's 1e8 is to SD 1.5's. STAMINA's (only the abstract is
-# known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity and hardening are ours,
-# untested on SD 1.x, and provisional on the tiny model (README, "STAMINA").
+# settings. The tiny model: chosen on it (README, "The embedded default"); no lambda both keeps and
+# learns there, and 1e3 is the keeping end (README, "Is lambda the dial?"). STAMINA's (only the abstract
+# is known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity, hardening and steer are
+# ours, untested on SD 1.x, and on the tiny model kept after a five-task ablation (README, "STAMINA").
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, mirror=True,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
