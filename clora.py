@@ -111,7 +111,8 @@ class KVDelta(nn.Module):
             self.D = nn.Parameter(torch.zeros(out, inp, device=dev))
 
     def hard_mask(self):
-        """The binary mask the current task folds with: 1[L > 0], all ones without a Mask."""
+        """The binary mask the current task folds with: 1[L > 0] (on the free entries only, with `steer`),
+        all ones without a Mask."""
         if self.mask is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
         hard = self.mask.logits() > 0
