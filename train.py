@@ -83,7 +83,7 @@ PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "b
                 "sparsity", "hardening", "steer", "mask", "mlp_tokens")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
 RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
-OLD_RUNS = {"steer": False}  # what a STAMINA run made before a setting existed used
+OLD_STAMINA_RUNS = {"steer": False}  # what a STAMINA run made before a setting existed used
 
 
 class TrainError(Exception):
@@ -164,8 +164,10 @@ def open_run(run_dir, settings):
     if not (Path(run_dir) / "run.json").exists():
         return {**settings, "tasks": []}
     run = read_run(run_dir)
+    if run["method"] == "stamina":
+        run = {**OLD_STAMINA_RUNS, **run}
     for k in RUN_KEYS:
-        if run.get(k, OLD_RUNS.get(k) if k in settings else None) != settings.get(k):
+        if run.get(k) != settings.get(k):
             what = "base checkpoint" if k == "base_sha256" else k
             raise TrainError(f"{Path(run_dir) / 'run.json'}: this run was made with {what} {run.get(k)!r}, not "
                              f"{settings.get(k)!r}; use the same one or start a new --run folder")
