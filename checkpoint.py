@@ -138,6 +138,12 @@ def atomic_write(path):
             tmp.unlink()
 
 
+def write_text(text, path):
+    """A text file, written atomically."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
 def stale_temps(folder):
     """Leftovers of atomic writes that a kill interrupted (never the file they were to replace)."""
     return sorted(Path(folder).glob(".*.*.tmp"))

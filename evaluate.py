@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import world
-from checkpoint import CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors
+from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, write_text
 from clora import CLoRA, read_run, read_task
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
 
@@ -280,12 +280,10 @@ def json_matrix(m):
 
 def write_outputs(res, run_dir):
     run_dir = Path(run_dir)
-    with atomic_write(run_dir / "eval.md") as tmp:
-        Path(tmp).write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n")
-    with atomic_write(run_dir / "eval.json") as tmp:
-        nan_free = {k: json_matrix(res[k]) for k in ("acc", "mmd")}
-        Path(tmp).write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"],
-                                         **summary(res)}, indent=1) + "\n")
+    write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n", run_dir / "eval.md")
+    nan_free = {k: json_matrix(res[k]) for k in ("acc", "mmd")}
+    write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"], **summary(res)}, indent=1) + "\n",
+               run_dir / "eval.json")
     matrix_png(res["acc"], res["words"], run_dir / "eval_matrix.png")
     final = torch.cat([x[:8] for x in res["final_images"]])  # 8 images of every concept, a row each
     save_png(image_grid(((final / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1), cols=8),

@@ -40,7 +40,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import world
-from checkpoint import atomic_write
+from checkpoint import write_text
 from clora import METHODS
 from sample import save_png
 
@@ -209,11 +209,6 @@ def curves_png(results, methods, seeds, path, W=640, H=260):
     d.text((x0 + 8 + len(streams) * 90, y0 + H + 22), "line: right after learning; dots: after the last task (task index)",
            fill=(0, 0, 0))
     save_png(im, path)
-
-
-def write_text(text, path):
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def claim(out, train_args):

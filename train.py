@@ -48,8 +48,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import world
-from checkpoint import (CheckpointError, atomic_write, read_metadata, read_state_dict, save_safetensors, sha256,
-                        stale_temps)
+from checkpoint import (CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256, stale_temps,
+                        write_text)
 from clora import HARDENING, METHODS, CLoRA, read_run, read_task, slope, task_file
 from sample import (DTYPES, MAX_STEPS, StableDiffusion, alphas_cumprod, compile_unet, ddim_sample, find_checkpoint, image_grid, save_png,
                     size_multiple)
@@ -155,8 +155,8 @@ def load_images(folder, res):
 
 
 def write_json(obj, path):
-    with atomic_write(path) as tmp:  # allow_nan=False: a bare NaN is not JSON; finite() guards what gets here
-        Path(tmp).write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    # allow_nan=False: a bare NaN is not JSON; finite() guards what gets here
+    write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", path)
 
 
 def open_run(run_dir, settings):
