@@ -25,6 +25,7 @@ Writes into the run folder: eval.md (tables), eval.json (the matrices), eval_mat
 matrix as a picture) and eval_final.png (every concept after the last task, one row each).
 """
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -37,10 +38,11 @@ from PIL import Image, ImageDraw
 
 import world
 from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, write_text
-from clora import CLoRA, read_run, read_task
+from clora import CLoRA, read_run, read_task, task_file
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
+STEPS, CFG = 15, 3.0  # how samples are drawn for scoring: DDIM steps, guidance scale
 N_CLASSES = len(world.CONCEPTS)
 INDEX = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}  # concept word -> class
 
@@ -198,7 +200,7 @@ def world_model(run_dir):
 
 
 @torch.no_grad()
-def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=None):
+def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifier=None):
     """The score matrices of a run: after each task i, sample concept i, and every concept j <= i
     after every `every`-th task and the last one."""
     run, model = world_model(run_dir)
@@ -224,6 +226,31 @@ def evaluate_run(run_dir, n=32, steps=15, cfg=3.0, seed=0, every=1, classifier=N
     adapter.detach()
     return {"words": adapter.words, "acc": acc, "mmd": mmd, "final_images": last,
             "delta_norms": [t["delta_norm"]["total"] for t in run["tasks"]]}
+
+
+def scoring(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1):
+    """What a run's score matrices depend on: the settings, and the bytes of its base model, of the
+    classifier and of every task file (a task retrained with --overwrite is scored afresh)."""
+    run = read_run(run_dir)
+    files = hashlib.sha256(run["base_sha256"].encode() + CLASSIFIER.read_bytes())
+    for i in range(len(run["tasks"])):
+        files.update(task_file(run_dir, i + 1).read_bytes())
+    return {"n": n, "steps": steps, "cfg": cfg, "seed": seed, "every": every, "files": files.hexdigest()}
+
+
+def scored(run_dir, key):
+    """The matrices of the run's eval.json if it was scored as `key` asks, or more fully (full rows
+    after every e-th task, e dividing key's every); else None. Lets a long experiment resume."""
+    try:
+        old = json.loads((Path(run_dir) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = old.get("scored_with") or {}
+    same = {k: v for k, v in done.items() if k != "every"} == {k: v for k, v in key.items() if k != "every"}
+    if not same or key["every"] % done["every"]:
+        return None
+    return {"words": old["words"], "delta_norms": old["delta_norms"],
+            **{k: np.array(old[k], dtype=float) for k in ("acc", "mmd")}}  # None (unscored) reads as NaN
 
 
 def summary(res):
@@ -278,11 +305,13 @@ def json_matrix(m):
     return np.where(np.isnan(m), None, m).tolist()
 
 
-def write_outputs(res, run_dir):
+def write_outputs(res, run_dir, key=None):
+    """eval.md, eval.json (with `key`, what scoring() says the scores depend on), eval_matrix.png and eval_final.png."""
     run_dir = Path(run_dir)
     write_text(markdown(res, f"{run_dir.name}: {len(res['words'])} tasks") + "\n", run_dir / "eval.md")
     nan_free = {k: json_matrix(res[k]) for k in ("acc", "mmd")}
-    write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"], **summary(res)}, indent=1) + "\n",
+    write_text(json.dumps({"words": res["words"], **nan_free, "delta_norms": res["delta_norms"], **summary(res),
+                           "scored_with": key}, indent=1) + "\n",
                run_dir / "eval.json")
     matrix_png(res["acc"], res["words"], run_dir / "eval_matrix.png")
     final = torch.cat([x[:8] for x in res["final_images"]])  # 8 images of every concept, a row each
@@ -294,8 +323,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a train.py run folder on the embedded world model")
     p.add_argument("--n", type=int, default=32, help="images sampled per concept and scored cell")
-    p.add_argument("--steps", type=int, default=15, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
+    p.add_argument("--cfg", type=float, default=CFG)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=1, help="score full rows after every N-th task (and the last)")
     p.add_argument("--train-classifier", action="store_true", help=f"train and write {CLASSIFIER.name}")
@@ -309,10 +338,11 @@ def main(argv=None):
             if not args.train_classifier:
                 p.error("pass --run RUN_FOLDER (or --train-classifier)")
             return
+        key = scoring(args.run, args.n, args.steps, args.cfg, args.seed, args.every)
         res = evaluate_run(args.run, args.n, args.steps, args.cfg, args.seed, args.every)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    write_outputs(res, args.run)
+    write_outputs(res, args.run, key)
     print(markdown(res, args.run))
 
 

@@ -16,7 +16,7 @@ task. Every run uses the model's default settings of train.py. Jobs run in paral
 thread each: one job at a time per device of `--devices` (default: one per visible GPU; without one,
 `--workers` jobs on the CPU); a job trains on its device and scores on the CPU. Figures are means
 over seeds with a 95% interval (Student's t); a cell is scored on `--n` samples. Writes
-`--out`/results.md, results.json, matrices.png, curves.png and a log per job in `--out`/logs/.
+`--out`/results.md, results.json, matrices.png, curves.png and a log per job in `--out`/logs/ (each call appends to it).
 
 The validity checks (printed, and the exit status of --check):
 - the upper bound learns: each concept alone reaches accuracy >= 0.85;
@@ -90,11 +90,14 @@ def run_job(spec, device):
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
-        with open(log, "w") as f, redirect_stdout(f), redirect_stderr(f):
+        with open(log, "a") as f, redirect_stdout(f), redirect_stderr(f):
             train.main(["--task", str(tasks if kind == "stream" else 1), "--data", str(data), "--run", str(run_dir),
                         "--method", method, "--seed", str(seed), "--save-every", "0", "--device", device, *shlex.split(extra)])
-            res = evaluate.evaluate_run(run_dir, n=n, seed=seed, every=every)
-            evaluate.write_outputs(res, run_dir)
+            key = evaluate.scoring(run_dir, n=n, seed=seed, every=every)
+            res = evaluate.scored(run_dir, key)  # scored by an earlier call: kept
+            if res is None:
+                res = evaluate.evaluate_run(run_dir, n=n, seed=seed, every=every)
+                evaluate.write_outputs(res, run_dir, key)
     except SystemExit as e:  # train.py's one-line errors
         return {"name": name, "error": str(e.code)}
     except CheckpointError as e:
@@ -213,7 +216,8 @@ def curves_png(results, methods, seeds, path, W=640, H=260):
 
 def claim(out, train_args):
     """An --out folder holds the runs of one set of train.py flags: a later call keeps and reuses the
-    runs it finds there (train.py keeps a run's tasks), so a call with other flags, or into a folder of
+    runs it finds there (train.py keeps a run's tasks; a run's scores are kept when its eval.json was
+    scored with the same settings on the same files), so a call with other flags, or into a folder of
     runs that does not say which flags made them, is refused before anything runs."""
     path = out / "experiment.json"
     if path.exists():

@@ -131,17 +131,28 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     assert (run / "grid_task_01.png").exists() and (run / "grid_task_02.png").exists()
     res = evaluate.evaluate_run(run, n=2, steps=2)
     assert res["acc"].shape == (2, 2) and np.isnan(res["acc"][0, 1]) and not np.isnan(res["acc"][1]).any()
-    evaluate.write_outputs(res, run)
+    key = evaluate.scoring(run, n=2, steps=2)
+    evaluate.write_outputs(res, run, key)
     assert "| after task |" in (run / "eval.md").read_text() and (run / "eval_matrix.png").exists()
     assert json.loads((run / "eval.json").read_text())["acc"][0][1] is None  # valid JSON: no NaN
+    # experiment.py keeps these scores for a call that asks for the same (or fewer) cells of the same files.
+    kept = evaluate.scored(run, key)
+    assert kept["words"] == res["words"] and np.array_equal(kept["acc"], res["acc"], equal_nan=True)
+    assert evaluate.summary(kept) == evaluate.summary(res)
+    assert evaluate.scored(run, {**key, "every": 5}) is not None  # full rows after every task hold those of every 5th
+    assert evaluate.scored(run, evaluate.scoring(run, n=4, steps=2)) is None
     assert set(read_state_dict(run / "task_02.safetensors")) >= {"tokens"}
 
     # Scored at checkpoints: R[j][j] after every task, full rows after every 2nd task and the last.
     train.main(["--task", "3", "--run", str(run), "--steps", "2", "--grid-steps", "2"])
+    assert evaluate.scoring(run, n=2, steps=2) != key and evaluate.scored(run, evaluate.scoring(run, n=2, steps=2)) is None  # a new task file
     res = evaluate.evaluate_run(run, n=2, steps=2, every=2)
     scored = ~np.isnan(res["acc"])
     assert scored.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert set(evaluate.summary(res)) == set(experiment.FIGURES)
+    evaluate.write_outputs(res, run, evaluate.scoring(run, n=2, steps=2, every=2))
+    assert evaluate.scored(run, evaluate.scoring(run, n=2, steps=2, every=4)) is not None
+    assert evaluate.scored(run, evaluate.scoring(run, n=2, steps=2, every=1)) is None  # rows it has not scored
 
     # Bad input: one line, non-zero exit, the run's files unchanged.
     before = {p.name: p.read_bytes() for p in run.iterdir()}
