@@ -67,8 +67,8 @@ DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, mirror=True,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
                 mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
-    "tiny-world": dict(rank=16, lam=1e3, steps=2000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0, mirror=False,
-                       lr={"clora": 1e-3, "lora": 1e-3, "ti": 5e-2, "kv": 1e-4, "stamina": 1e-3},
+    "tiny-world": dict(rank=16, lam=1e3, steps=3000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0, mirror=False,
+                       lr={"clora": 2e-3, "lora": 2e-3, "ti": 5e-2, "kv": 2e-4, "stamina": 2e-3},
                        token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
                        mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
 }
@@ -363,13 +363,21 @@ def finite(tensors):
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def task_seed(seed, word):
+    """The seed of a task's random draws (its fresh factors and tokens, then its batches and noise):
+    from --seed and the concept, not from the task's place in the stream, so a concept starts alike
+    alone and in any stream (the upper bound is then a paired comparison), and concepts trained alone
+    at one --seed do not share one draw."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{word}".encode()).digest()[:7], "little")
+
+
 def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
     """Train one task; `trained_with` (every setting the result depends on) goes into the partial
     checkpoint, which is resumed only under the very same settings."""
     device, vae = args.device, model.vae
     unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
-    g = torch.Generator().manual_seed(args.seed * 1000 + task)
-    adapter.start_task(word, args.tokens, seed=args.seed * 1000 + task)
+    g = torch.Generator().manual_seed(task_seed(args.seed, word))
+    adapter.start_task(word, args.tokens, seed=task_seed(args.seed, word))
     groups = adapter.param_groups()
     opt = torch.optim.AdamW([{"params": groups["factors"]}, {"params": groups["mask"], "lr": args.mask_lr},
                              {"params": groups["tokens"], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
