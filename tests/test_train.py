@@ -154,3 +154,20 @@ def test_mirror_setting_decides_the_training_images(tiny_ckpt, data, tmp_path, m
     assert seen == [6, 3], seen
     tasks = [json.loads((tmp_path / f"run{i}" / "run.json").read_text())["tasks"][0] for i in (0, 1)]
     assert [t["mirror"] for t in tasks] == [True, False] and train.DEFAULTS["tiny-world"]["mirror"] is False
+
+
+def test_a_concept_starts_alike_alone_and_in_a_stream(tiny_ckpt, data, tmp_path):
+    """A task's random draws come from --seed and its concept (train.task_seed), not its place in the
+    stream: <bob> learned alone equals <bob> learned second, after <alice> (with `ti` nothing of task 1
+    reaches <bob>'s prompt), and two concepts trained alone at one seed do not start from one draw."""
+    ckpt, _ = tiny_ckpt
+    for name in ("01_alice", "02_bob"):  # one data folder per concept alone, its task 1
+        (tmp_path / name / name).parent.mkdir()
+        (tmp_path / name / name).symlink_to(data / name)
+    train.main(args(ckpt, data, tmp_path / "stream", 2, "--method", "ti"))
+    train.main(args(ckpt, tmp_path / "02_bob", tmp_path / "bob", 1, "--method", "ti"))
+    tokens = lambda run, task: read_state_dict(tmp_path / run / f"task_{task:02d}.safetensors")["tokens"]  # noqa: E731
+    assert np.array_equal(tokens("bob", 1), tokens("stream", 2)) and not np.array_equal(tokens("stream", 1), tokens("stream", 2))
+    for name in ("01_alice", "02_bob"):  # lr 0: the tokens stay at their initial draw
+        train.main(args(ckpt, tmp_path / name, tmp_path / f"init-{name}", 1, "--method", "ti", "--lr", "0"))
+    assert not np.allclose(tokens("init-01_alice", 1), tokens("init-02_bob", 1))
