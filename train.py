@@ -376,8 +376,9 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
     checkpoint, which is resumed only under the very same settings."""
     device, vae = args.device, model.vae
     unet = compile_unet(model.unet, device) if args.compile else model.unet  # after the adapter wrapped its layers
-    g = torch.Generator().manual_seed(task_seed(args.seed, word))
-    adapter.start_task(word, args.tokens, seed=task_seed(args.seed, word))
+    seed = task_seed(args.seed, word)
+    g = torch.Generator().manual_seed(seed)
+    adapter.start_task(word, args.tokens, seed=seed)
     groups = adapter.param_groups()
     opt = torch.optim.AdamW([{"params": groups["factors"]}, {"params": groups["mask"], "lr": args.mask_lr},
                              {"params": groups["tokens"], "lr": args.token_lr}], lr=args.lr, weight_decay=0.0)
