@@ -154,9 +154,11 @@ def checks(results, seeds, quick):
     lora = per_seed(results, "stream", "lora", "forgetting_acc", seeds)
     if lora:
         out.append((np.mean(lora) >= FORGET_MIN, f"sequential lora forgets: {np.mean(lora):.3f} >= {FORGET_MIN}"))
-    if not quick and len(seeds) > 1:
-        widest = max(((interval(per_seed(results, "stream", m, k, seeds))[1] or 0.0, f"{m} {k}")
-                      for m in {r["method"] for r in results if r["kind"] == "stream"} for k in FIGURES[:3]), default=None)
+    if not quick and len(seeds) > 1:  # the table's accuracy figures: each stream's three, and the concepts alone
+        cells = {("stream", r["method"], k) for r in results if r["kind"] == "stream" for k in FIGURES[:3]}
+        cells |= {("alone", r["method"], "final_acc") for r in results if r["kind"] == "alone"}
+        widest = max(((interval(per_seed(results, kind, m, k, seeds))[1] or 0.0, f"{m}{' alone' * (kind == 'alone')} {k}")
+                      for kind, m, k in cells), default=None)
         if widest:
             out.append((widest[0] <= CI_MAX, f"seeds agree: widest 95% interval of an accuracy figure ±{widest[0]:.3f} "
                         f"({widest[1]}) <= ±{CI_MAX}"))

@@ -199,6 +199,10 @@ def test_validity_checks_pass_and_fail_as_stated():
     assert not ok and "clora final_acc" in line
     agree = [result("stream", "clora", s, final_acc=a) for s, a in enumerate((0.60, 0.61, 0.60))]
     assert experiment.checks(agree, [0, 1, 2], quick=False)[0][0]
+    # The upper bound is a headline figure too: its seeds must agree as well.
+    alone = agree + [result("alone", "clora", s, j, final_acc=a) for s, a in enumerate((0.8, 0.9, 0.95)) for j in range(2)]
+    (ok, line), = [c for c in experiment.checks(alone, [0, 1, 2], quick=False) if "seeds agree" in c[1]]
+    assert not ok and "clora alone final_acc" in line
     mean, half = experiment.interval([0.60, 0.61, 0.60])
     assert abs(mean - 0.60333) < 1e-4 and abs(half - 4.303 * np.std([0.6, 0.61, 0.6], ddof=1) / 3**0.5) < 1e-9
 
