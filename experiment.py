@@ -186,12 +186,13 @@ COLOURS = [(200, 40, 40), (40, 90, 200), (40, 150, 60), (150, 60, 170), (220, 13
 
 def curves_png(results, methods, seeds, path, W=640, H=260):
     """Per method (a colour each), over the task index j: accuracy right after learning concept j
-    (R[j][j], solid) and after the last task (R[T][j], dots); means over seeds."""
+    (R[j][j], solid) and after the last task (R[T][j], dots); means over seeds. In black, where the
+    experiment has it, the upper bound: concept j trained alone (clora, task 1)."""
     streams = [m for m in methods if any(r["kind"] == "stream" and r["method"] == m for r in results)]
     if not streams:
         return
     T = len(next(r for r in results if r["kind"] == "stream")["acc"])
-    im = Image.new("RGB", (W + 60, H + 50), (255, 255, 255))
+    im = Image.new("RGB", (W + 60, H + 64), (255, 255, 255))
     d = ImageDraw.Draw(im)
     x0, y0 = 40, 10
     px = lambda j, a: (x0 + (j + 0.5) * W / T, y0 + (1 - a) * H)  # noqa: E731
@@ -201,6 +202,10 @@ def curves_png(results, methods, seeds, path, W=640, H=260):
         d.text((4, px(0, a)[1] - 5), f"{a:.2f}", fill=(0, 0, 0))
     for j in range(0, T, max(1, T // 10)):
         d.text((px(j, 0)[0] - 4, y0 + H + 4), str(j + 1), fill=(0, 0, 0))
+    alone = [[r["final_acc"] for r in results if r["kind"] == "alone" and r["method"] == "clora" and r["concept"] == j]
+             for j in range(T)]
+    if all(alone):
+        d.line([px(j, np.mean(a)) for j, a in enumerate(alone)], fill=(0, 0, 0), width=1)
     for c, m in enumerate(streams):
         rs = [r for r in results if r["kind"] == "stream" and r["method"] == m]
         diag = np.mean([[r["acc"][j][j] for j in range(T)] for r in rs], 0)
@@ -211,8 +216,8 @@ def curves_png(results, methods, seeds, path, W=640, H=260):
             x, y = px(j, a)
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         d.text((x0 + 8 + c * 90, y0 + H + 22), f"{m}", fill=colour)
-    d.text((x0 + 8 + len(streams) * 90, y0 + H + 22), "line: right after learning; dots: after the last task (task index)",
-           fill=(0, 0, 0))
+    d.text((x0 + 8, y0 + H + 38), "task index; lines: right after learning, dots: after the last task"
+           + (", black: each concept alone (upper bound)" if all(alone) else ""), fill=(0, 0, 0))
     save_png(im, path)
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import experiment
@@ -205,6 +206,19 @@ def test_validity_checks_pass_and_fail_as_stated():
     assert not ok and "clora alone final_acc" in line
     mean, half = experiment.interval([0.60, 0.61, 0.60])
     assert abs(mean - 0.60333) < 1e-4 and abs(half - 4.303 * np.std([0.6, 0.61, 0.6], ddof=1) / 3**0.5) < 1e-9
+
+
+def test_curves_draw_the_upper_bound_where_the_experiment_has_it(tmp_path):
+    """The curve figure: a stream's accuracy right after learning in its colour, and each concept
+    alone (the upper bound, black) at its height: 0.9 alone puts black at y = 10 + 0.1 * 260."""
+    stream = result("stream", "lora", 0, acc=[[0.5, 0.0], [0.2, 0.5]])
+    alone = [result("alone", "clora", s, j, final_acc=a) for s, a in ((0, 0.85), (1, 0.95)) for j in range(2)]
+    for rs, name in (([stream, *alone], "with.png"), ([stream], "without.png")):
+        experiment.curves_png(rs, ["lora"], [0, 1], tmp_path / name)
+    at = lambda name, x, y: Image.open(tmp_path / name).convert("RGB").getpixel((x, y))  # noqa: E731
+    assert at("with.png", 200, 36) == (0, 0, 0) and at("with.png", 520, 36) == (0, 0, 0)
+    assert at("without.png", 200, 36) == (255, 255, 255)
+    assert at("with.png", 200, 140) == experiment.COLOURS[0]  # the stream's line at 0.5
 
 
 def test_experiment_refuses_bad_flags(capsys):
