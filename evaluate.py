@@ -15,6 +15,10 @@ world's own images (not on any run):
 - MMD: the squared maximum mean discrepancy, with KID's kernel k(x, y) = (x.y / d + 1)^3, between the
   generated images and the concept's held-out real images (lower is better).
 Forgetting of concept j = R[j][j] - R[T][j] (accuracy; for MMD the increase), averaged over j < T.
+And, after the last task, whether the concepts stayed in their prompts (`kept`): "a photo of a face"
+and "a photo of a building" (no concept word) should still draw their own kind of subject; `kept` is
+the share of their samples the classifier places in a concept of the prompt's kind, averaged over the
+two. A learned concept that takes over every prompt scores low, however well it is drawn.
 
 The classifier is trained on its own split of concept images, each seen through the tiny model's
 VAE half the time and degraded the way samples are (blur, a colour wash, blotches, faded colour, noise,
@@ -45,6 +49,7 @@ CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
 STEPS, CFG = 15, 3.0  # how samples are drawn for scoring: DDIM steps, guidance scale
 N_CLASSES = len(world.CONCEPTS)
 INDEX = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}  # concept word -> class
+KINDS = ("face", "building")  # the world's two kinds of subject: "a photo of a face" is a base caption's start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +186,15 @@ def generate(model, word, n, steps, cfg, seed):
     return model.decode(latents).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def kept(model, classifier, n, steps, cfg, seed):
+    """The share of n samples of "a photo of a face" and of "a photo of a building" that the classifier
+    places in a concept of the prompt's own kind, averaged over the two prompts."""
+    kind = np.array([c["kind"] for _, c in world.CONCEPTS])
+    shares = [(kind[classifier(generate(model, f"a {k}", n, steps, cfg, seed + 100_000 + i)).argmax(1).numpy()] == k).mean()
+              for i, k in enumerate(KINDS)]  # seeds apart from every concept's (seed + 1000 j)
+    return float(np.mean(shares))
+
+
 def world_model(run_dir):
     """The run's description and its base model, which must be the embedded model of this world."""
     run = read_run(run_dir)
@@ -223,8 +237,9 @@ def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifie
             mmd[i, j] = mmd2(feats, real[k])
             if i == T - 1:
                 last.append(images)
+    base_kept = kept(model, classifier, n, steps, cfg, seed)
     adapter.detach()
-    return {"words": adapter.words, "acc": acc, "mmd": mmd, "final_images": last,
+    return {"words": adapter.words, "acc": acc, "mmd": mmd, "kept": base_kept, "final_images": last,
             "delta_norms": [t["delta_norm"]["total"] for t in run["tasks"]]}
 
 
@@ -247,20 +262,21 @@ def scored(run_dir, key):
         return None
     done = old.get("scored_with") or {}
     same = {k: v for k, v in done.items() if k != "every"} == {k: v for k, v in key.items() if k != "every"}
-    if not same or key["every"] % done["every"]:
+    if not same or key["every"] % done["every"] or "kept" not in old:  # scored before `kept` existed: afresh
         return None
-    return {"words": old["words"], "delta_norms": old["delta_norms"],
+    return {"words": old["words"], "delta_norms": old["delta_norms"], "kept": old["kept"],
             **{k: np.array(old[k], dtype=float) for k in ("acc", "mmd")}}  # None (unscored) reads as NaN
 
 
 def summary(res):
-    """Mean plasticity R[j][j], final score R[T][j], and forgetting over every concept but the last."""
+    """Mean plasticity R[j][j], final score R[T][j], forgetting over every concept but the last, and `kept`."""
     acc, mmd = res["acc"], res["mmd"]
     T = len(acc)
     forget_acc = float(np.mean([acc[j, j] - acc[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
     forget_mmd = float(np.mean([mmd[T - 1, j] - mmd[j, j] for j in range(T - 1)])) if T > 1 else 0.0
     return {"plasticity_acc": float(np.mean(np.diag(acc))), "final_acc": float(acc[T - 1].mean()),
-            "forgetting_acc": forget_acc, "final_mmd": float(mmd[T - 1].mean()), "forgetting_mmd": forget_mmd}
+            "forgetting_acc": forget_acc, "final_mmd": float(mmd[T - 1].mean()), "forgetting_mmd": forget_mmd,
+            "kept": res["kept"]}
 
 
 def markdown(res, title):
@@ -268,7 +284,8 @@ def markdown(res, title):
     s = summary(res)
     lines = [f"# {title}", "",
              f"accuracy right after learning {s['plasticity_acc']:.3f}, final {s['final_acc']:.3f}, forgetting "
-             f"{s['forgetting_acc']:.3f}; final MMD {s['final_mmd']:.3f}, MMD forgetting {s['forgetting_mmd']:.3f}", ""]
+             f"{s['forgetting_acc']:.3f}; final MMD {s['final_mmd']:.3f}, MMD forgetting {s['forgetting_mmd']:.3f}; "
+             f"base prompts kept {s['kept']:.3f}", ""]
     for name, m, fmt in (("accuracy", acc, "{:.2f}"), ("MMD", mmd, "{:.3f}")):
         lines += [f"{name}: R[i][j], row = after task i, column = concept j (R[j][j] after every task, full rows where scored)", "",
                   "| after task | " + " | ".join(words) + " | delta norm |", "|---" * (len(words) + 2) + "|"]

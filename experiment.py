@@ -22,7 +22,9 @@ The validity checks (printed, and the exit status of --check):
 - the upper bound learns: each concept alone reaches accuracy >= 0.85;
 - the world needs weights: `ti` alone stays <= 0.6;
 - the baseline that should forget does: sequential `lora` forgets >= 0.3;
-- seeds agree: every headline figure's 95% interval is within +-0.05.
+- seeds agree: every headline figure's 95% interval is within +-0.05;
+- a concept stays in its prompt: after each concept alone, "a photo of a face" and "a photo of a building"
+  still draw their own kind (evaluate's `kept`) >= 0.75 (the base model's own figure is in the README).
 `--check` runs the quick version: a few concepts alone per method and a short lora stream, one seed.
 """
 import argparse
@@ -46,9 +48,9 @@ from sample import save_png
 
 DEFAULT_METHODS = ("clora", "lora", "ti", "kv")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}  # t(0.975, n - 1)
-FIGURES = ("plasticity_acc", "final_acc", "forgetting_acc", "final_mmd", "forgetting_mmd")
+FIGURES = ("plasticity_acc", "final_acc", "forgetting_acc", "final_mmd", "forgetting_mmd", "kept")
 CHECK_CONCEPTS = (0, 11, 22, 33)  # --check: two faces and two buildings, four groups, four different marks
-UPPER, TI_MAX, FORGET_MIN, CI_MAX = 0.85, 0.6, 0.3, 0.05
+UPPER, TI_MAX, FORGET_MIN, CI_MAX, KEPT_MIN = 0.85, 0.6, 0.3, 0.05, 0.75
 
 
 FREE = None  # in a job's process: the queue of free devices (one entry per job slot)
@@ -128,7 +130,7 @@ def per_seed(results, kind, method, key, seeds):
 
 def table(results, methods, seeds):
     lines = ["| method | accuracy right after learning ↑ | final accuracy ↑ | forgetting ↓ | final MMD ↓ | "
-             "forgetting (MMD) ↓ | mean delta norm |", "|---|---|---|---|---|---|---|"]
+             "forgetting (MMD) ↓ | base prompts kept ↑ | mean delta norm |", "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         if not any(r["kind"] == "stream" and r["method"] == m for r in results):
             continue
@@ -137,7 +139,8 @@ def table(results, methods, seeds):
     for m in sorted({r["method"] for r in results if r["kind"] == "alone"}):
         lines.append(f"| {'upper bound: ' if m == 'clora' else ''}each concept alone ({m}) | "
                      f"{fmt(per_seed(results, 'alone', m, 'final_acc', seeds))} | – | – | "
-                     f"{fmt(per_seed(results, 'alone', m, 'final_mmd', seeds))} | – | – |")
+                     f"{fmt(per_seed(results, 'alone', m, 'final_mmd', seeds))} | – | "
+                     f"{fmt(per_seed(results, 'alone', m, 'kept', seeds))} | – |")
     return "\n".join(lines)
 
 
@@ -151,6 +154,10 @@ def checks(results, seeds, quick):
                     f">= {UPPER} (worst concept {worst:.3f})"))
     if alone["ti"]:
         out.append((np.mean(alone["ti"]) <= TI_MAX, f"the world needs weights: ti alone {np.mean(alone['ti']):.3f} <= {TI_MAX}"))
+    kept = per_seed(results, "alone", "clora", "kept", seeds)
+    if kept:
+        out.append((np.mean(kept) >= KEPT_MIN, f"a concept stays in its prompt: after clora alone, the base prompts draw "
+                    f"their own kind {np.mean(kept):.3f} >= {KEPT_MIN}"))
     lora = per_seed(results, "stream", "lora", "forgetting_acc", seeds)
     if lora:
         out.append((np.mean(lora) >= FORGET_MIN, f"sequential lora forgets: {np.mean(lora):.3f} >= {FORGET_MIN}"))
@@ -295,7 +302,8 @@ def main(argv=None):
     minutes = (time.time() - t0) / 60
     checked = checks(results, seeds, args.check)
     header = (f"{tasks} concepts, seeds {seeds}, {args.n} samples per cell, {minutes:.1f} min on {os.cpu_count()} CPU cores; "
-              "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images")
+              "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images; "
+              "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
     md = header + "\n\n" + table(results, methods, seeds) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     write_text(md, out / "results.md")
