@@ -24,7 +24,7 @@ The validity checks (printed, and the exit status of --check):
 - the baseline that should forget does: sequential `lora` forgets >= 0.3;
 - seeds agree: every headline figure's 95% interval is within +-0.05;
 - a concept stays in its prompt: after each concept alone, "a photo of a face" and "a photo of a building"
-  still draw their own kind (evaluate's `kept`) >= 0.75 (the base model's own figure is in the README).
+  still draw their own kind, not the concept (evaluate's `kept`) >= 0.75 (the base model's figure is in the README).
 `--check` runs the quick version: a few concepts alone per method and a short lora stream, one seed.
 """
 import argparse
@@ -157,7 +157,7 @@ def checks(results, seeds, quick):
     kept = per_seed(results, "alone", "clora", "kept", seeds)
     if kept:
         out.append((np.mean(kept) >= KEPT_MIN, f"a concept stays in its prompt: after clora alone, the base prompts draw "
-                    f"their own kind {np.mean(kept):.3f} >= {KEPT_MIN}"))
+                    f"their own kind, not the concept, {np.mean(kept):.3f} >= {KEPT_MIN}"))
     lora = per_seed(results, "stream", "lora", "forgetting_acc", seeds)
     if lora:
         out.append((np.mean(lora) >= FORGET_MIN, f"sequential lora forgets: {np.mean(lora):.3f} >= {FORGET_MIN}"))
@@ -303,7 +303,8 @@ def main(argv=None):
     checked = checks(results, seeds, args.check)
     header = (f"{tasks} concepts, seeds {seeds}, {args.n} samples per cell, {minutes:.1f} min on {os.cpu_count()} CPU cores; "
               "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images; "
-              "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind")
+              "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind "
+              "and not a learned concept")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
     md = header + "\n\n" + table(results, methods, seeds) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     write_text(md, out / "results.md")
