@@ -101,7 +101,7 @@ def test_base_prompts_draw_their_own_kind(tiny):
     (0.984 at seed 0, 0.875 and 0.891 at seeds 1 and 2: README, "A concept takes over the base prompts").
     Samples placed in a learned concept do not count: with every face concept learned, only the building half is left."""
     classifier = evaluate.load_classifier()
-    assert abs(evaluate.kept(tiny, classifier, 32, evaluate.STEPS, evaluate.CFG, 0) - 0.984) < 1e-3
+    assert evaluate.kept(tiny, classifier, 32, evaluate.STEPS, evaluate.CFG, 0) >= 0.9  # 0.984 measured here
     faces = [j for j, (_, c) in enumerate(world.CONCEPTS) if c["kind"] == "face"]
     assert 0.45 < evaluate.kept(tiny, classifier, 32, evaluate.STEPS, evaluate.CFG, 0, learned=faces) <= 0.5
 
