@@ -49,6 +49,7 @@ Ablations: `mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (pl
 """
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,6 +95,7 @@ class KVDelta(nn.Module):
         # STAMINA: the entries some finished task's hard mask left open (its `steer` writes elsewhere).
         self.register_buffer("taken", torch.zeros_like(self.weight, dtype=torch.bool), persistent=False)
         self.A = self.B = self.D = self.mask = None
+        self.current = True  # False: the layer as it was before the current task (CLoRA.previous)
 
     def start(self, kind, rank, generator, hardening=None, steer=False):
         """A fresh delta of `kind`; with `hardening` (STAMINA), gated by a fresh Mask, and with `steer`
@@ -129,6 +131,8 @@ class KVDelta(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight + self.past.to(self.weight.dtype))  # both frozen: nothing saved for backward
+        if not self.current:
+            return y
         if self.mask is not None:  # a masked delta is an (out, in) matrix whichever way it is computed
             m = self.mask
             d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste, m.free) if m.relaxed else self.delta()
@@ -317,6 +321,18 @@ class CLoRA(nn.Module):
         self.embedding.start(rows.to(base.device), self.mlp_tokens, g)
         for layer in self.kv.values():
             layer.start(self.kind, self.rank, g, self.hardening, self.steer)
+
+    @contextmanager
+    def previous(self):
+        """The model as it was before the current task (W_init + past, the same token table: base prompts
+        hold no concept token): the target of train.py's prior term."""
+        for layer in self.kv.values():
+            layer.current = False
+        try:
+            yield
+        finally:
+            for layer in self.kv.values():
+                layer.current = True
 
     def set_slope(self, s):
         """Every mask in its training form at slope s (see `slope`), or with s None in its hard form."""

@@ -58,6 +58,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # No class word: the concept word alone carries the identity (the paper's setting).
 TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the photo of {}", "a close-up photo of {}",
              "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
+# The prior term's weight on the tiny model (README, "A concept takes over the base prompts"): without it a
+# concept learned there takes over prompts that do not name it. Not in either paper; 0 on SD 1.x.
+PRIOR_TINY = 1.0
+PRIOR_CAPTIONS = 500  # base captions of the world the tiny model's prior term draws from
 # Per-model defaults, keyed by the checkpoint's metadata "model" (none: SD 1.x). SD 1.x: the paper's
 # settings. The tiny model: chosen on it (README, "The embedded default"); no lambda both keeps and
 # learns there, and 1e3 is the keeping end (README, "Is lambda the dial?"). STAMINA's (only the abstract
@@ -66,24 +70,24 @@ TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the
 DEFAULTS = {
     "sd1": dict(rank=16, lam=1e8, steps=2000, batch=1, res=512, grid_steps=50, cfg=7.5, mirror=True,
                 lr={"clora": 5e-4, "lora": 5e-4, "ti": 5e-3, "kv": 5e-6, "stamina": 5e-4}, token_lr=dict.fromkeys(METHODS),
-                mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
+                mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False, prior=0.0),
     "tiny-world": dict(rank=16, lam=1e3, steps=3000, batch=4, res=world.SIZE, grid_steps=20, cfg=3.0, mirror=False,
                        lr={"clora": 2e-3, "lora": 2e-3, "ti": 5e-2, "kv": 2e-4, "stamina": 2e-3},
                        token_lr={"clora": 5e-2, "lora": 5e-2, "ti": None, "kv": 5e-2, "stamina": 5e-2},
-                       mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False),
+                       mask_lr=1e-2, sparsity=1e-2, hardening="sigmoid-anneal", steer=False, prior=PRIOR_TINY),
 }
 PER_METHOD = ("lr", "token_lr")  # settings given per method; a token_lr of None means: the tokens train at lr
-SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "mirror", "lr", "token_lr")
+SETTINGS = ("rank", "lam", "steps", "batch", "res", "grid_steps", "cfg", "mirror", "lr", "token_lr", "prior")
 STAMINA = ("mask_lr", "sparsity", "hardening", "steer")  # settings of --method stamina alone, defaulted per model too
 WORLD_DATA = Path(f"data/world-v{world.VERSION}")  # versioned: a folder of another world's images is never reused
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 # What a task's result depends on besides its task, word, data, base and earlier tasks: a partial
 # checkpoint records them all and is resumed only under the same (`resume_state`).
 PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "mirror", "seed", "dtype", "mask_lr",
-                "sparsity", "hardening", "steer", "mask", "mlp_tokens")
+                "sparsity", "hardening", "steer", "mask", "mlp_tokens", "prior")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
-RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
-OLD_STAMINA_RUNS = {"steer": False}  # what a STAMINA run made before a setting existed used
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "prior", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
+OLD_RUNS, OLD_STAMINA_RUNS = {"prior": 0.0}, {"steer": False}  # what a run made before a setting existed used
 
 
 class TrainError(Exception):
@@ -163,7 +167,7 @@ def open_run(run_dir, settings):
     """The run's description, created on first use; a run never mixes base checkpoints or methods."""
     if not (Path(run_dir) / "run.json").exists():
         return {**settings, "tasks": []}
-    run = read_run(run_dir)
+    run = {**OLD_RUNS, **read_run(run_dir)}
     if run["method"] == "stamina":
         run = {**OLD_STAMINA_RUNS, **run}
     for k in RUN_KEYS:
@@ -403,6 +407,7 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
         pixels = pixels.to(device, next(vae.parameters()).dtype)
         mean, logvar = (t.float() for t in vae.encode(pixels))
     ac = alphas_cumprod().to(device)
+    prior = args.prior if adapter.kind else 0.0  # ti trains tokens alone, which no base prompt holds: the term is 0
     lam = args.lam if adapter.penalized else 0.0
     rho = args.sparsity if adapter.hardening else 0.0
     denoiser = Denoiser(model.text_encoder, unet, adapter.trainable(), args)
@@ -424,9 +429,22 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
         if adapter.hardening:  # STAMINA's masks in their training form, at this step's slope
             adapter.set_slope(slope(step, args.steps, adapter.hardening))
         prompts = [TEMPLATES[i].format(word) for i in templates.tolist()]
-        pred = denoiser(model.tokenizer(prompts).to(device), noisy, t)
+        if prior:
+            # The prior term: under a random base prompt, the same noisy latents, the model's prediction held
+            # to that of the model before this task (drawn from g after the rest: a run without it is unchanged).
+            pick = torch.randint(len(args.prior_captions), (args.batch,), generator=g)[mine].tolist()
+            base_ids = model.tokenizer([args.prior_captions[i] for i in pick]).to(device)
+            with torch.no_grad(), adapter.previous():
+                target = (denoiser.module if WORLD > 1 else denoiser)(base_ids, noisy, t).float()
+            # One forward for both halves: DDP averages the gradients of one forward per step.
+            pred, base_pred = denoiser(torch.cat([model.tokenizer(prompts).to(device), base_ids]),
+                                       torch.cat([noisy, noisy]), torch.cat([t, t])).chunk(2)
+        else:
+            pred = denoiser(model.tokenizer(prompts).to(device), noisy, t)
         mse = F.mse_loss(pred.float(), noise)
         loss = mse + lam * adapter.penalty() if lam else mse
+        if prior:
+            loss = loss + prior * F.mse_loss(base_pred.float(), target)
         if rho:
             loss = loss + rho * adapter.sparsity()
         values = torch.stack([mse.detach(), loss.detach()])
@@ -487,6 +505,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
     p.add_argument("--token-lr", type=float, help="learning rate of the concept's token embeddings (SD 1.x and ti: --lr)")
     p.add_argument("--lam", type=float, help="C-LoRA's self-regularisation weight lambda (SD 1.x: 1e8)")
+    p.add_argument("--prior", type=float, help="weight of the prior term, not in the papers: under base prompts the model "
+                   "keeps the predictions it made before the task (SD 1.x: 0; the tiny model: %g)" % PRIOR_TINY)
+    p.add_argument("--prior-prompts", help="the prior term's base prompts, one per line (default on the tiny model: its "
+                   "world's captions; needed on SD 1.x with --prior)")
     p.add_argument("--steps", type=int, help="SD 1.x: 2000")
     p.add_argument("--res", type=int, help="training image size (SD 1.x: 512)")
     p.add_argument("--grid-steps", type=int, help="DDIM steps of the per-task sample grid (SD 1.x: 50)")
@@ -537,6 +559,28 @@ def resolve_defaults(args, ckpt):
             os.close(fd)
         print(f"data: the world's concept stream in {args.data}/ ({len(world.CONCEPTS)} concepts)")
     args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
+    args.prior_captions = prior_captions(args, name)
+
+
+def prior_captions(args, name):
+    """The prior term's base prompts: --prior-prompts, else on the tiny model its world's captions; [] without the term."""
+    if not args.prior:
+        if args.prior_prompts:
+            raise TrainError(f"--prior-prompts {args.prior_prompts}: the prior term is off (--prior {args.prior:g}); pass --prior W too")
+        return []
+    if args.prior_prompts:
+        try:
+            lines = [line.strip() for line in Path(args.prior_prompts).read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainError(f"--prior-prompts {args.prior_prompts}: cannot be read ({getattr(e, 'strerror', None) or e}); "
+                             "pass a text file with one prompt per line") from None
+        if not any(lines):
+            raise TrainError(f"--prior-prompts {args.prior_prompts}: no prompts in it; write one prompt per line")
+        return [line for line in lines if line]
+    if name != "tiny-world":
+        raise TrainError(f"--prior {args.prior:g} on SD 1.x needs --prior-prompts FILE: prompts of what the model should "
+                         "keep drawing (e.g. 'a photo of a person'), one per line")
+    return [c for _, c in world.base_images(PRIOR_CAPTIONS, seed="prior")]
 
 
 def check_args(args):
@@ -548,7 +592,7 @@ def check_args(args):
              ("grid-steps", args.grid_steps is None or 1 <= args.grid_steps <= MAX_STEPS, f"in 1..{MAX_STEPS}"),
              ("res", args.res is None or (args.res > 0 and args.res % 8 == 0), "a positive multiple of 8"),
              ("lr", ok(args.lr), "finite and >= 0"), ("token-lr", ok(args.token_lr), "finite and >= 0"),
-             ("lam", ok(args.lam), "finite and >= 0"), ("mask-lr", ok(args.mask_lr), "finite and >= 0"),
+             ("lam", ok(args.lam), "finite and >= 0"), ("prior", ok(args.prior), "finite and >= 0"), ("mask-lr", ok(args.mask_lr), "finite and >= 0"),
              ("cfg", args.cfg is None or math.isfinite(args.cfg), "finite")]
     for name, good, what in rules:
         if not good:
@@ -581,7 +625,7 @@ def prepare(args):
     if not 1 <= args.task <= len(stream):
         raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
     settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
-                "tokens_per_concept": args.tokens}
+                "tokens_per_concept": args.tokens, "prior": args.prior}
     if args.method == "stamina":
         settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity,
                         steer=args.steer)
@@ -653,7 +697,8 @@ def train_run(args, ckpt, stream, settings, run_dir):
         pixels = images.pop(task)
         trained_with = {"task": task, "word": word, "data": digests[task],
                         "base_sha256": settings["base_sha256"], "past": [done[t].get("sha256") for t in range(1, task)],
-                        **{k: getattr(args, k) for k in PARTIAL_KEYS}}
+                        **{k: getattr(args, k) for k in PARTIAL_KEYS},
+                        **({"prior_prompts": hashlib.sha256("\n".join(args.prior_captions).encode()).hexdigest()} if args.prior else {})}
         train_task(model, adapter, word, pixels, args, task, run_dir, trained_with)
         tensors, norms = adapter.task_tensors(), adapter.delta_norms()
         if not (finite(tensors.values()) and all(map(math.isfinite, norms.values()))):
