@@ -275,8 +275,9 @@ def main(argv=None):
     if args.check:
         seeds, methods = args.seeds[:1], ["lora"]
         tasks = len(CHECK_CONCEPTS)
-        jobs = [("alone", m, j, seeds[0], 1, *job_args) for m in ("clora", "ti") for j in CHECK_CONCEPTS]
-        jobs.append(("stream", "lora", None, seeds[0], tasks, *job_args))
+        # The stream first: the longest job, so the others fill the remaining workers around it.
+        jobs = [("stream", "lora", None, seeds[0], tasks, *job_args)]
+        jobs += [("alone", m, j, seeds[0], 1, *job_args) for m in ("clora", "ti") for j in CHECK_CONCEPTS]
     else:
         seeds, methods, tasks = args.seeds, args.methods, args.tasks
         jobs = [("stream", m, None, s, tasks, *job_args) for s in seeds for m in methods]

@@ -124,3 +124,22 @@ def test_methods():
         assert {k.rsplit(".", 1)[-1] for k in adapter.task_tensors()} == trains
     with pytest.raises(ValueError, match="unknown method 'dreambooth'; choose one of clora, lora, ti, kv"):
         setup("dreambooth")
+
+
+@pytest.mark.parametrize("method", ["clora", "kv", "stamina"])
+def test_previous_is_the_model_before_the_current_task(method):
+    """CLoRA.previous (the prior term's target): every layer without the current task's delta, the past kept."""
+    text, unet, adapter, _, _ = setup(method)
+    ids = adapter.tokenizer(["a photo of a cat"])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    with torch.no_grad():
+        if method == "clora":
+            adapter.load_task("<a>", known_task(adapter, 1))
+        before = unet(x, t, text(ids))
+        adapter.start_task("<b>")
+        for layer in adapter.kv.values():
+            (layer.A if layer.A is not None else layer.D).normal_()
+        now = unet(x, t, text(ids))
+        with adapter.previous():
+            assert torch.equal(unet(x, t, text(ids)), before)
+        assert torch.equal(unet(x, t, text(ids)), now) and not torch.allclose(now, before, atol=1e-3)

@@ -130,6 +130,20 @@ def test_two_processes_compute_one_process_gradients(two_tasks, tmp_path, monkey
     assert worst(twice, trace["grads"][4:]) > 1e-3
 
 
+def test_two_processes_compute_one_process_gradients_with_the_prior_term(two_tasks, tmp_path, monkeypatch):
+    """--prior: each step's target (the model before the task, no gradient) then both halves of the loss
+    in one forward, which DDP averages: still one process's gradients, in float64."""
+    ckpt, data, _, hooked, _ = two_tasks
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red house\n")
+    extra = ["--prior", "1", "--prior-prompts", str(tmp_path / "prompts.txt")]
+    done = torchrun(hooked, args(ckpt, data, tmp_path / "run", 1, "--batch", "4", *extra), TRACE=str(tmp_path / "trace.pt"), FP64="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trace = torch.load(tmp_path / "trace.pt")
+    assert (len(trace["weights"]), len(trace["grads"])) == (8, 4)  # two forwards per step
+    grads = one_process(ckpt, data, tmp_path / "one", 1, trace["weights"], monkeypatch, *extra)
+    assert worst(grads, trace["grads"]) < 1e-6
+
+
 def test_two_processes_end_with_one_process_weights_and_rank_0_alone_writes(two_tasks, tmp_path, monkeypatch):
     """In float32, the weights within 1e-4, but for the factors A, within 1e-2 as one vector: AdamW
     divides each gradient entry by its own running scale, and A starts at 0, so its first step is

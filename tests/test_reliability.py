@@ -226,13 +226,21 @@ def test_swapped_edited_or_relabelled_task_files_are_refused(tiny_ckpt, data, tm
     (("--res", "-16"), "--res -16: must be a positive multiple of 8"), (("--grid-steps", "0"), r"--grid-steps 0: must be in 1..999"),
     (("--grid-steps", "1000"), r"--grid-steps 1000: must be in 1..999"), (("--save-every", "-1"), "--save-every -1: must be >= 0"),
     (("--task", "0"), "--task 0: must be a task number"), (("--cfg", "nan"), "--cfg nan: must be finite"),
+    (("--prior", "-1"), r"--prior -1.0: must be finite and >= 0"),
+    (("--prior", "1"), r"--prior 1 on SD 1.x needs --prior-prompts FILE: prompts of what the model should keep drawing"),
+    (("--prior-prompts", "p.txt"), r"--prior-prompts p.txt: the prior term is off \(--prior 0\); pass --prior W too"),
+    (("--prior", "1", "--prior-prompts", "EMPTY"), r"--prior-prompts .*EMPTY: no prompts in it; write one prompt per line"),
+    (("--prior", "1", "--prior-prompts", "MISSING"), r"--prior-prompts .*MISSING: cannot be read \(No such file or directory\)"),
 ])
 def test_train_arguments_out_of_range_are_one_line(tiny_ckpt, data, tmp_path, bad, says):
     ckpt, _ = tiny_ckpt
     run = tmp_path / "run"
     argv = args(ckpt, data, run, 1)
     i = argv.index(bad[0]) if bad[0] in argv else len(argv)
-    argv[i:i + 2] = bad
+    argv[i:i + 2] = bad[:2]
+    argv += bad[2:]
+    (tmp_path / "EMPTY").write_text("\n \n")
+    argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in argv]
     refused(train.main, argv, "^error: " + says)
     assert not run.exists()
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import train
@@ -171,3 +172,35 @@ def test_a_concept_starts_alike_alone_and_in_a_stream(tiny_ckpt, data, tmp_path)
     for name in ("01_alice", "02_bob"):  # lr 0: the tokens stay at their initial draw
         train.main(args(ckpt, tmp_path / name, tmp_path / f"init-{name}", 1, "--method", "ti", "--lr", "0"))
     assert not np.allclose(tokens("init-01_alice", 1), tokens("init-02_bob", 1))
+
+
+def base_prompt_drift(ckpt, run, prompts):
+    """How far the run's model, folded, moves the UNet's prediction under base prompts from the base model's."""
+    import clora
+    from sample import StableDiffusion
+    x, t = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500] * len(prompts))
+    model = StableDiffusion.load(ckpt, "cpu", torch.float32)
+    with torch.no_grad():
+        before = model.unet(x, t, model.encode_text(prompts))
+        clora.load_run(run, model, ckpt)
+        return (model.unet(x, t, model.encode_text(prompts)) - before).norm().item()
+
+
+def test_the_prior_term_holds_base_prompts_to_the_model_before_the_task(tiny_ckpt, data, tmp_path):
+    """--prior W: under the --prior-prompts, the model keeps the predictions it made before the task; the
+    concept's own prompts still train it. W is the run's, recorded, and a task of another W is refused."""
+    ckpt, _ = tiny_ckpt
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red house on a hill\n")
+    base = ["a photo of a cat", "a red house on a hill"]
+    drift = {}
+    for w in ("0", "100"):
+        train.main(args(ckpt, data, tmp_path / w, 1, "--lr", "3e-2", "--steps", "12", "--prior", w,
+                        *(["--prior-prompts", str(prompts)] if w != "0" else [])))
+        drift[w] = base_prompt_drift(ckpt, tmp_path / w, base)
+        assert json.loads((tmp_path / w / "run.json").read_text())["prior"] == float(w)
+    assert drift["100"] < 0.5 * drift["0"], drift
+    before = snapshot(tmp_path / "100")
+    with pytest.raises(SystemExit, match=r"run.json: this run was made with prior 100.0, not 0.0; use the same one"):
+        train.main(args(ckpt, data, tmp_path / "100", 2, "--prior", "0"))
+    assert snapshot(tmp_path / "100") == before
