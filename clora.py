@@ -14,6 +14,8 @@ The penalty is zero at task 1. Each concept's word (`<alice>`) stands for n new 
 initialised at random; no existing embedding changes. Everything folds back into plain weights.
 
 The same class runs the paper's baselines by changing what trains and the penalty (`METHODS`).
+`previous()` gives the model as it was before the current task: the target of train.py's prior term
+(`--prior`, not in the paper).
 
     adapter = CLoRA(unet, text_encoder, tokenizer, method="clora", rank=16)
     adapter.load_task(past_task_tensors)        # for every earlier task, in order: frozen

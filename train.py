@@ -17,6 +17,18 @@ With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and
 `world.py` are the default, and so is `--run runs/world-v2-<method>`: `python train.py --task 3` runs as is.
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 
+`--prior W` (not in either paper; on by default on the tiny model only) adds a prior term to every
+method's loss: under a random base prompt (`--prior-prompts`, one per line; the tiny model's world
+captions by default) and the step's noisy latents, the squared difference between the model's noise
+prediction and that of the model as it was before the task (its deltas off, earlier tasks on):
+
+    loss = || eps - eps_theta(x_s, s, c_concept) ||^2 + W || eps_theta(x_s, s, c_base) - eps_before(x_s, s, c_base) ||^2  (+ lambda ...)
+
+Prior preservation by self-distillation: no stored images, and the deltas still fold. Without it a
+concept learned on the tiny model takes over prompts that do not name it (README).
+
+    python train.py --task 3 --data data/faces --run runs/faces-prior --prior 1 --prior-prompts prompts.txt
+
 Under torchrun, N processes (GPUs) train each task data-parallel: `--batch` stays the global batch and
 each process takes its slice of the very batch one process would draw, so the weights are one
 process's up to floating-point summation order. Spell the run folder `--run-dir` there: torchrun's

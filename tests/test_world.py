@@ -138,7 +138,7 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     assert "using the embedded tiny model" in out and "world's concept stream" in out
     state = json.loads((run / "run.json").read_text())
     assert [t["word"] for t in state["tasks"]] == [f"<{n}>" for n, _ in world.CONCEPTS[:2]]
-    assert state["rank"] == train.DEFAULTS["tiny-world"]["rank"]
+    assert state["rank"] == train.DEFAULTS["tiny-world"]["rank"] and state["prior"] == train.PRIOR_TINY > 0  # the testbed's prior term
     assert (run / "grid_task_01.png").exists() and (run / "grid_task_02.png").exists()
     res = evaluate.evaluate_run(run, n=2, steps=2)
     assert res["acc"].shape == (2, 2) and np.isnan(res["acc"][0, 1]) and not np.isnan(res["acc"][1]).any()
