@@ -235,13 +235,16 @@ def claim(out, train_args):
     runs that does not say which flags made them, is refused before anything runs."""
     path = out / "experiment.json"
     if path.exists():
-        made = json.loads(path.read_text()).get("train_args")
+        saved = json.loads(path.read_text())
+        made = saved.get("train_args")
+        if saved.get("version", 1) < 2:  # written before train.py's --prior: its runs were made without the term
+            made = f"{made} --prior 0".strip()
         if made != train_args:
             sys.exit(f"error: {out} holds runs made with --train-args {made!r}, not {train_args!r}; pass another --out")
     elif any(p.is_dir() and (p / "run.json").exists() for p in out.glob("*")):
         sys.exit(f"error: {out} holds runs of an unknown experiment (no experiment.json); pass another --out")
     else:
-        write_text(json.dumps({"train_args": train_args}) + "\n", path)
+        write_text(json.dumps({"train_args": train_args, "version": 2}) + "\n", path)
 
 
 def main(argv=None):

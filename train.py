@@ -98,8 +98,9 @@ ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "mirror", "seed", "dtype", "mask_lr",
                 "sparsity", "hardening", "steer", "mask", "mlp_tokens", "prior")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
-RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "prior", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
-OLD_RUNS, OLD_STAMINA_RUNS = {"prior": 0.0}, {"steer": False}  # what a run made before a setting existed used
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "prior", "prior_prompts", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
+# What a run (a partial checkpoint) made before a setting existed used.
+OLD_RUNS, OLD_STAMINA_RUNS = {"prior": 0.0, "prior_prompts": None}, {"steer": False}
 
 
 class TrainError(Exception):
@@ -184,9 +185,10 @@ def open_run(run_dir, settings):
         run = {**OLD_STAMINA_RUNS, **run}
     for k in RUN_KEYS:
         if run.get(k) != settings.get(k):
-            what = "base checkpoint" if k == "base_sha256" else k
+            what = {"base_sha256": "base checkpoint", "prior_prompts": "prior prompts (digest)"}.get(k, k)
+            same = f"pass --prior {run[k]:g}" if k == "prior" else "use the same one"
             raise TrainError(f"{Path(run_dir) / 'run.json'}: this run was made with {what} {run.get(k)!r}, not "
-                             f"{settings.get(k)!r}; use the same one or start a new --run folder")
+                             f"{settings.get(k)!r}; {same} or start a new --run folder")
     return run
 
 
@@ -362,7 +364,7 @@ def resume_state(partial, trained_with, task):
     if not partial.exists():
         return None
     try:
-        saved = json.loads(read_metadata(partial).get("trained_with", "{}"))
+        saved = {**OLD_RUNS, **json.loads(read_metadata(partial).get("trained_with", "{}"))}
         state = read_state_dict(partial)
     except (CheckpointError, ValueError):
         saved, state = {"partial checkpoint": "unreadable"}, None
@@ -419,10 +421,9 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
         pixels = pixels.to(device, next(vae.parameters()).dtype)
         mean, logvar = (t.float() for t in vae.encode(pixels))
     ac = alphas_cumprod().to(device)
-    prior = args.prior if adapter.kind else 0.0  # ti trains tokens alone, which no base prompt holds: the term is 0
     lam = args.lam if adapter.penalized else 0.0
     rho = args.sparsity if adapter.hardening else 0.0
-    denoiser = Denoiser(model.text_encoder, unet, adapter.trainable(), args)
+    denoiser = plain = Denoiser(model.text_encoder, unet, adapter.trainable(), args)
     if WORLD > 1:
         denoiser = DistributedDataParallel(denoiser)
     mine = slice(RANK * args.batch // WORLD, (RANK + 1) * args.batch // WORLD)  # this rank's slice of the global batch
@@ -440,23 +441,22 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if adapter.hardening:  # STAMINA's masks in their training form, at this step's slope
             adapter.set_slope(slope(step, args.steps, adapter.hardening))
-        prompts = [TEMPLATES[i].format(word) for i in templates.tolist()]
-        if prior:
+        ids = model.tokenizer([TEMPLATES[i].format(word) for i in templates.tolist()]).to(device)
+        if args.prior:
             # The prior term: under a random base prompt, the same noisy latents, the model's prediction held
             # to that of the model before this task (drawn from g after the rest: a run without it is unchanged).
             pick = torch.randint(len(args.prior_captions), (args.batch,), generator=g)[mine].tolist()
             base_ids = model.tokenizer([args.prior_captions[i] for i in pick]).to(device)
             with torch.no_grad(), adapter.previous():
-                target = (denoiser.module if WORLD > 1 else denoiser)(base_ids, noisy, t).float()
+                target = plain(base_ids, noisy, t).float()
             # One forward for both halves: DDP averages the gradients of one forward per step.
-            pred, base_pred = denoiser(torch.cat([model.tokenizer(prompts).to(device), base_ids]),
-                                       torch.cat([noisy, noisy]), torch.cat([t, t])).chunk(2)
+            pred, base_pred = denoiser(torch.cat([ids, base_ids]), torch.cat([noisy, noisy]), torch.cat([t, t])).chunk(2)
         else:
-            pred = denoiser(model.tokenizer(prompts).to(device), noisy, t)
+            pred = denoiser(ids, noisy, t)
         mse = F.mse_loss(pred.float(), noise)
         loss = mse + lam * adapter.penalty() if lam else mse
-        if prior:
-            loss = loss + prior * F.mse_loss(base_pred.float(), target)
+        if args.prior:
+            loss = loss + args.prior * F.mse_loss(base_pred.float(), target)
         if rho:
             loss = loss + rho * adapter.sparsity()
         values = torch.stack([mse.detach(), loss.detach()])
@@ -571,11 +571,15 @@ def resolve_defaults(args, ckpt):
             os.close(fd)
         print(f"data: the world's concept stream in {args.data}/ ({len(world.CONCEPTS)} concepts)")
     args.run = args.run or f"runs/{Path(args.data).name}-{args.method}"
+    if METHODS[args.method][0] is None:  # ti: no base prompt holds its tokens, so the term is zero; recorded as off
+        args.prior, args.prior_prompts = 0.0, None
     args.prior_captions = prior_captions(args, name)
+    args.prior_digest = hashlib.sha256("\n".join(args.prior_captions).encode()).hexdigest() if args.prior else None
 
 
 def prior_captions(args, name):
-    """The prior term's base prompts: --prior-prompts, else on the tiny model its world's captions; [] without the term."""
+    """The prior term's base prompts: --prior-prompts, else on the tiny model its world's captions; [] without the term.
+    A prompt naming a concept is refused: the term would then train that concept's token rows."""
     if not args.prior:
         if args.prior_prompts:
             raise TrainError(f"--prior-prompts {args.prior_prompts}: the prior term is off (--prior {args.prior:g}); pass --prior W too")
@@ -588,6 +592,9 @@ def prior_captions(args, name):
                              "pass a text file with one prompt per line") from None
         if not any(lines):
             raise TrainError(f"--prior-prompts {args.prior_prompts}: no prompts in it; write one prompt per line")
+        named = [line for line in lines if re.search(r"<[^<>\s]+>", line)]
+        if named:
+            raise TrainError(f"--prior-prompts {args.prior_prompts}: {named[0]!r} names a concept; base prompts name none")
         return [line for line in lines if line]
     if name != "tiny-world":
         raise TrainError(f"--prior {args.prior:g} on SD 1.x needs --prior-prompts FILE: prompts of what the model should "
@@ -637,7 +644,7 @@ def prepare(args):
     if not 1 <= args.task <= len(stream):
         raise TrainError(f"--task {args.task}: {args.data} has {len(stream)} concept folders (tasks 1-{len(stream)})")
     settings = {"base_checkpoint": str(ckpt), "base_sha256": sha256(ckpt), "method": args.method, "rank": args.rank,
-                "tokens_per_concept": args.tokens, "prior": args.prior}
+                "tokens_per_concept": args.tokens, "prior": args.prior, "prior_prompts": args.prior_digest}
     if args.method == "stamina":
         settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity,
                         steer=args.steer)
@@ -678,7 +685,9 @@ def train_run(args, ckpt, stream, settings, run_dir):
     done = {t["task"]: t for t in state["tasks"]}
     digests = {t: hashlib.sha256(pixels.numpy().tobytes()).hexdigest() for t, pixels in images.items()}
     if WORLD > 1:
-        check_same({**{"--" + k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("data", "run", "ckpt", "device")},
+        check_same({**{"--" + k.replace("_", "-"): v for k, v in vars(args).items()
+                       if k not in ("data", "run", "ckpt", "device", "prior_prompts", "prior_captions", "prior_digest")},
+                    "prior prompts (digest)": args.prior_digest,
                     "base checkpoint": settings["base_sha256"], "concepts": [w for w, _ in stream],
                     **{f"images of task {t}": d for t, d in digests.items()}})
     model = StableDiffusion.load(ckpt, args.device, torch.float32)
@@ -709,8 +718,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
         pixels = images.pop(task)
         trained_with = {"task": task, "word": word, "data": digests[task],
                         "base_sha256": settings["base_sha256"], "past": [done[t].get("sha256") for t in range(1, task)],
-                        **{k: getattr(args, k) for k in PARTIAL_KEYS},
-                        **({"prior_prompts": hashlib.sha256("\n".join(args.prior_captions).encode()).hexdigest()} if args.prior else {})}
+                        **{k: getattr(args, k) for k in PARTIAL_KEYS}, "prior_prompts": args.prior_digest}
         train_task(model, adapter, word, pixels, args, task, run_dir, trained_with)
         tensors, norms = adapter.task_tensors(), adapter.delta_norms()
         if not (finite(tensors.values()) and all(map(math.isfinite, norms.values()))):

@@ -133,12 +133,14 @@ def test_previous_is_the_model_before_the_current_task(method):
     ids = adapter.tokenizer(["a photo of a cat"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     with torch.no_grad():
-        if method == "clora":
-            adapter.load_task("<a>", known_task(adapter, 1))
-        before = unet(x, t, text(ids))
-        adapter.start_task("<b>")
-        for layer in adapter.kv.values():
-            (layer.A if layer.A is not None else layer.D).normal_()
+        for word in ("<a>", "<b>"):  # a finished task in the past, then the current one
+            before = unet(x, t, text(ids))
+            adapter.start_task(word)
+            for layer in adapter.kv.values():
+                (layer.A if layer.A is not None else layer.D).normal_()
+            if word == "<a>":
+                adapter.finish_task()
+                assert not torch.allclose(unet(x, t, text(ids)), before, atol=1e-3)  # the past acts
         now = unet(x, t, text(ids))
         with adapter.previous():
             assert torch.equal(unet(x, t, text(ids)), before)

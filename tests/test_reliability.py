@@ -230,6 +230,7 @@ def test_swapped_edited_or_relabelled_task_files_are_refused(tiny_ckpt, data, tm
     (("--prior", "1"), r"--prior 1 on SD 1.x needs --prior-prompts FILE: prompts of what the model should keep drawing"),
     (("--prior-prompts", "p.txt"), r"--prior-prompts p.txt: the prior term is off \(--prior 0\); pass --prior W too"),
     (("--prior", "1", "--prior-prompts", "EMPTY"), r"--prior-prompts .*EMPTY: no prompts in it; write one prompt per line"),
+    (("--prior", "1", "--prior-prompts", "NAMED"), r"--prior-prompts .*NAMED: 'a photo of <alice>' names a concept; base prompts name none"),
     (("--prior", "1", "--prior-prompts", "MISSING"), r"--prior-prompts .*MISSING: cannot be read \(No such file or directory\)"),
 ])
 def test_train_arguments_out_of_range_are_one_line(tiny_ckpt, data, tmp_path, bad, says):
@@ -240,7 +241,8 @@ def test_train_arguments_out_of_range_are_one_line(tiny_ckpt, data, tmp_path, ba
     argv[i:i + 2] = bad[:2]
     argv += bad[2:]
     (tmp_path / "EMPTY").write_text("\n \n")
-    argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in argv]
+    (tmp_path / "NAMED").write_text("a photo of a cat\na photo of <alice>\n")
+    argv = [str(tmp_path / a) if a in ("EMPTY", "NAMED", "MISSING") else a for a in argv]
     refused(train.main, argv, "^error: " + says)
     assert not run.exists()
 

@@ -201,6 +201,28 @@ def test_the_prior_term_holds_base_prompts_to_the_model_before_the_task(tiny_ckp
         assert json.loads((tmp_path / w / "run.json").read_text())["prior"] == float(w)
     assert drift["100"] < 0.5 * drift["0"], drift
     before = snapshot(tmp_path / "100")
-    with pytest.raises(SystemExit, match=r"run.json: this run was made with prior 100.0, not 0.0; use the same one"):
+    with pytest.raises(SystemExit, match=r"run.json: this run was made with prior 100.0, not 0.0; pass --prior 100 or start"):
         train.main(args(ckpt, data, tmp_path / "100", 2, "--prior", "0"))
     assert snapshot(tmp_path / "100") == before
+
+
+def test_prior_settings_of_old_runs_and_of_ti(tiny_ckpt, data, tmp_path):
+    """A run made before --prior existed (no prior in run.json) goes on without the term and refuses it;
+    `ti`, whose tokens no base prompt holds, records the term as off and trains exactly as without it."""
+    ckpt, _ = tiny_ckpt
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    old = tmp_path / "old"
+    train.main(args(ckpt, data, old, 1))
+    state = json.loads((old / "run.json").read_text())
+    del state["prior"], state["prior_prompts"]
+    (old / "run.json").write_text(json.dumps(state))
+    before = snapshot(old)
+    with pytest.raises(SystemExit, match=r"made with prior 0.0, not 1.0; pass --prior 0 or start a new --run folder"):
+        train.main(args(ckpt, data, old, 2, "--prior", "1", "--prior-prompts", str(prompts)))
+    assert snapshot(old) == before
+    train.main(args(ckpt, data, old, 2))
+    for name, extra in (("ti-prior", ["--prior", "1", "--prior-prompts", str(prompts)]), ("ti", [])):
+        train.main(args(ckpt, data, tmp_path / name, 1, "--method", "ti", *extra))
+    assert json.loads((tmp_path / "ti-prior" / "run.json").read_text())["prior"] == 0.0
+    assert (tmp_path / "ti-prior" / "task_01.safetensors").read_bytes() == (tmp_path / "ti" / "task_01.safetensors").read_bytes()

@@ -254,3 +254,8 @@ def test_experiment_refuses_a_folder_of_runs_made_with_other_flags(tmp_path):
     with pytest.raises(SystemExit, match="holds runs of an unknown experiment"):
         experiment.claim(old, "")
     assert not (old / "experiment.json").exists()
+    # A folder claimed before train.py had --prior: its runs were made without the term, now "--prior 0".
+    (old / "experiment.json").write_text(json.dumps({"train_args": "--lam 10"}))
+    with pytest.raises(SystemExit, match=r"made with --train-args '--lam 10 --prior 0', not '--lam 10'"):
+        experiment.claim(old, "--lam 10")
+    experiment.claim(old, "--lam 10 --prior 0")
