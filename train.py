@@ -18,7 +18,7 @@ With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 
 `--prior W` (not in either paper; on by default on the tiny model only) adds a prior term to every
-method's loss: under a random base prompt (`--prior-prompts`, one per line; the tiny model's world
+method's loss (`ti`'s is zero, no base prompt holding its tokens: skipped and recorded as off): under a random base prompt (`--prior-prompts`, one per line; the tiny model's world
 captions by default) and the step's noisy latents, the squared difference between the model's noise
 prediction and that of the model as it was before the task (its deltas off, earlier tasks on):
 
@@ -180,9 +180,9 @@ def open_run(run_dir, settings):
     """The run's description, created on first use; a run never mixes base checkpoints or methods."""
     if not (Path(run_dir) / "run.json").exists():
         return {**settings, "tasks": []}
-    run = {**OLD_RUNS, **read_run(run_dir)}
-    if run["method"] == "stamina":
-        run = {**OLD_STAMINA_RUNS, **run}
+    run = read_run(run_dir)
+    old = {**OLD_RUNS, **(OLD_STAMINA_RUNS if run["method"] == "stamina" else {})}
+    run.update({k: v for k, v in old.items() if k not in run})  # appended: a run.json rewritten keeps its order
     for k in RUN_KEYS:
         if run.get(k) != settings.get(k):
             what = {"base_sha256": "base checkpoint", "prior_prompts": "prior prompts (digest)"}.get(k, k)
