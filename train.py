@@ -18,9 +18,10 @@ With no SD checkpoint (no --ckpt, none in weights/), the embedded tiny model and
 Defaults of the training settings are per model: the paper's for SD 1.x, tuned ones for the tiny model.
 
 `--prior W` (not in either paper; on by default on the tiny model only) adds a prior term to every
-method's loss (`ti`'s is zero, no base prompt holding its tokens: skipped and recorded as off): under a random base prompt (`--prior-prompts`, one per line; the tiny model's world
-captions by default) and the step's noisy latents, the squared difference between the model's noise
-prediction and that of the model as it was before the task (its deltas off, earlier tasks on):
+method's loss (`ti`'s is zero, no base prompt holding its tokens: skipped and recorded as off): under
+a random base prompt (`--prior-prompts`, one per line; the tiny model's world captions by default)
+and the step's noisy latents, the squared difference between the model's noise prediction and that
+of the model as it was before the task (its current delta off, earlier tasks on):
 
     loss = || eps - eps_theta(x_s, s, c_concept) ||^2 + W || eps_theta(x_s, s, c_base) - eps_before(x_s, s, c_base) ||^2  (+ lambda ...)
 
