@@ -97,7 +97,7 @@ class KVDelta(nn.Module):
         # STAMINA: the entries some finished task's hard mask left open (its `steer` writes elsewhere).
         self.register_buffer("taken", torch.zeros_like(self.weight, dtype=torch.bool), persistent=False)
         self.A = self.B = self.D = self.mask = None
-        self.current = True  # False: the layer as it was before the current task (CLoRA.previous)
+        self.use_current = True  # False: the layer as it was before the current task (CLoRA.previous)
 
     def start(self, kind, rank, generator, hardening=None, steer=False):
         """A fresh delta of `kind`; with `hardening` (STAMINA), gated by a fresh Mask, and with `steer`
@@ -133,7 +133,7 @@ class KVDelta(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight + self.past.to(self.weight.dtype))  # both frozen: nothing saved for backward
-        if not self.current:
+        if not self.use_current:
             return y
         if self.mask is not None:  # a masked delta is an (out, in) matrix whichever way it is computed
             m = self.mask
@@ -329,12 +329,12 @@ class CLoRA(nn.Module):
         """The model as it was before the current task (W_init + past, the same token table: base prompts
         hold no concept token): the target of train.py's prior term."""
         for layer in self.kv.values():
-            layer.current = False
+            layer.use_current = False
         try:
             yield
         finally:
             for layer in self.kv.values():
-                layer.current = True
+                layer.use_current = True
 
     def set_slope(self, s):
         """Every mask in its training form at slope s (see `slope`), or with s None in its hard form."""
