@@ -600,7 +600,7 @@ def prior_captions(args, name):
     if name != "tiny-world":
         raise TrainError(f"--prior {args.prior:g} on SD 1.x needs --prior-prompts FILE: prompts of what the model should "
                          "keep drawing (e.g. 'a photo of a person'), one per line")
-    return [c for _, c in world.base_images(PRIOR_CAPTIONS, seed="prior")]
+    return world.base_captions(PRIOR_CAPTIONS, seed="prior")
 
 
 def check_args(args):

@@ -221,35 +221,39 @@ def draw_mark(d, mark, cx, cy, w, h, size):
             d.line([a, b], fill=c, width=int(s * 0.6))
 
 
-def draw(subject, rng):
-    """One SIZE x SIZE RGB image of `subject` (a face or a building), with per-image jitter (position,
-    size, tilt, background; a face's expression) drawn from `rng`. Returns (image, caption words of
-    this image: expression or "", background)."""
+def pose(subject, rng):
+    """The per-image jitter of one image of `subject`, drawn from `rng`: background, centre, size, tilt
+    and a face's expression. Apart from `render`, so captions can be drawn without drawing images."""
     face = subject["kind"] == "face"
     bg = rng.choice(list(BACKGROUNDS if face else SKIES))
-    colour = (BACKGROUNDS if face else SKIES)[bg]
+    cx, cy = SIZE / 2 + rng.uniform(-4, 4), SIZE / 2 + rng.uniform(-3, 4)  # in output pixels
+    size = SIZE * 0.36 * rng.uniform(0.92, 1.08)
+    mouth = rng.choice(MOUTHS) if face else ""
+    tilt = rng.uniform(-10, 10) if face else rng.uniform(-4, 4)
+    return dict(bg=bg, cx=cx, cy=cy, size=size, mouth=mouth, tilt=tilt)
+
+
+def render(subject, p):
+    """One SIZE x SIZE RGB image of `subject` in pose `p`."""
+    face = subject["kind"] == "face"
+    colour = (BACKGROUNDS if face else SKIES)[p["bg"]]
     S = SIZE * DRAW
     im = Image.new("RGB", (S, S), colour)
     d = ImageDraw.Draw(im)
-    cx, cy = S / 2 + rng.uniform(-4, 4) * DRAW, S / 2 + rng.uniform(-3, 4) * DRAW
-    size = S * 0.36 * rng.uniform(0.92, 1.08)
+    cx, cy, size = p["cx"] * DRAW, p["cy"] * DRAW, p["size"] * DRAW
     if face:
         h = size  # half-height of the head
-        mouth = rng.choice(MOUTHS)
         w = draw_face(d, subject, cx, cy, h)
-        draw_mouth(d, cx, cy, w, h, mouth)
-        tilt = rng.uniform(-10, 10)
+        draw_mouth(d, cx, cy, w, h, p["mouth"])
     else:
-        mouth = ""
         cy += S * 0.06  # room for the roof
         h = size * 0.75  # half-height of the body
         d.rectangle([0, cy + h, S, S], fill=(96, 128, 76))  # the ground
         w = draw_building(d, subject, cx, cy, h)
-        tilt = rng.uniform(-4, 4)
     if subject["mark"] is not None:
         draw_mark(d, subject["mark"], cx, cy, w, h, size)
-    im = im.rotate(tilt, resample=Image.BICUBIC, center=(cx, cy), fillcolor=colour)
-    return im.resize((SIZE, SIZE), Image.LANCZOS), mouth, bg
+    im = im.rotate(p["tilt"], resample=Image.BICUBIC, center=(cx, cy), fillcolor=colour)
+    return im.resize((SIZE, SIZE), Image.LANCZOS)
 
 
 def attributes(subject, mouth="", bg=""):
@@ -272,15 +276,25 @@ def caption(subject, mouth, bg, rng):
     return ", ".join([f"a photo of a {subject['kind']}"] + parts)
 
 
-def base_images(n, seed):
-    """n (image, caption) pairs of the base distribution: faces and buildings, half and half."""
+def base_subjects(n, seed):
+    """n (subject, pose, caption) triples of the base distribution: faces and buildings, half and half."""
     rng = random.Random(f"base-{seed}")
     out = []
     for _ in range(n):
         subject = random_face(rng) if rng.random() < 0.5 else random_building(rng)
-        im, mouth, bg = draw(subject, rng)
-        out.append((im, caption(subject, mouth, bg, rng)))
+        p = pose(subject, rng)
+        out.append((subject, p, caption(subject, p["mouth"], p["bg"], rng)))
     return out
+
+
+def base_images(n, seed):
+    """n (image, caption) pairs of the base distribution."""
+    return [(render(subject, p), c) for subject, p, c in base_subjects(n, seed)]
+
+
+def base_captions(n, seed):
+    """The captions of base_images(n, seed), without drawing the images."""
+    return [c for _, _, c in base_subjects(n, seed)]
 
 
 def concept_images(index, split, n=None):
@@ -289,7 +303,7 @@ def concept_images(index, split, n=None):
     comes from its own seed, so no image is in two splits."""
     n = n or {"train": N_TRAIN, "heldout": N_HELDOUT}[split]
     rng = random.Random(f"concept-{index}-{split}")
-    return [draw(CONCEPTS[index][1], rng)[0] for _ in range(n)]
+    return [render(CONCEPTS[index][1], pose(CONCEPTS[index][1], rng)) for _ in range(n)]
 
 
 def look_alikes(index):
