@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 import world
 from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, write_text
 from clora import CLoRA, read_run, read_task, task_file
-from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, save_png
+from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, run_checkpoint, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
 STEPS, CFG = 15, 3.0  # how samples are drawn for scoring: DDIM steps, guidance scale
@@ -203,7 +203,7 @@ def kept(model, classifier, n, steps, cfg, seed, learned=()):
 def world_model(run_dir):
     """The run's description and its base model, which must be the embedded model of this world."""
     run = read_run(run_dir)
-    base = Path(run["base_checkpoint"])
+    base = run_checkpoint(run)
     if not base.is_file():
         raise CheckpointError(f"{run_dir}: its base checkpoint {base} is missing")
     meta = read_metadata(base)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256
 from clora import METHODS, TARGETS, CLoRA, read_run, read_task
-from sample import StableDiffusion, find_checkpoint
+from sample import StableDiffusion, find_checkpoint, run_checkpoint
 from unet import SpatialTransformer, UNet
 
 # Methods whose task files hold factors A (out, r) and B (r, in) with delta = A @ B: their tasks stack
@@ -166,7 +166,7 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
     run = read_run(run_dir)
     if not run["tasks"]:
         raise CheckpointError(f"{run_dir}: the run has no finished task yet; nothing to export")
-    path = find_checkpoint(ckpt or run["base_checkpoint"])
+    path = find_checkpoint(ckpt or run_checkpoint(run))
     if any(out.resolve() in (p, *p.parents) for p in (Path(run_dir).resolve(), path.resolve())):
         raise CheckpointError(f"--out {out} holds the run or its base checkpoint, which it would replace; pick another folder")
     if sha256(path) != run["base_sha256"]:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, check_sd1, read_metadata, read_state_dict
+from checkpoint import CheckpointError, atomic_write, check_sd1, read_metadata, read_state_dict, sha256
 from clora import check_concept_words, load_run, read_run
 from clip_text import TextEncoder, Tokenizer
 from unet import UNet
@@ -169,6 +169,15 @@ def find_checkpoint(ckpt):
     return EMBEDDED
 
 
+def run_checkpoint(run):
+    """The base checkpoint of a run (its run.json): the path recorded, or, where that file is gone, the
+    shipped tiny model if the run was made on it in another checkout (a clone of the README's committed runs)."""
+    path = Path(run["base_checkpoint"])
+    if not path.is_file() and EMBEDDED.is_file() and sha256(EMBEDDED) == run["base_sha256"]:
+        return EMBEDDED
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="SD 1.x checkpoint (.safetensors or .ckpt); default: the first one in weights/")
@@ -202,7 +211,7 @@ def main(argv=None):
         if bad:
             sys.exit(f"error: {says}")
     try:
-        path = find_checkpoint(args.ckpt or (read_run(args.run)["base_checkpoint"] if args.run else None))
+        path = find_checkpoint(args.ckpt or (run_checkpoint(read_run(args.run)) if args.run else None))
         print(f"loading {path}")
         model = StableDiffusion.load(path, args.device, DTYPES[args.dtype])
         words = load_run(args.run, model, path) if args.run else []

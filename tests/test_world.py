@@ -184,6 +184,9 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     (run / "run.json").write_text(json.dumps({**json.loads(original), "base_checkpoint": str(other)}))
     with pytest.raises(SystemExit, match="made on world version 1"):
         evaluate.main(["--run", str(run), "--n", "2"])
+    # A run made on the shipped model in another checkout (a clone of the README's committed runs) is scored on this one's.
+    (run / "run.json").write_text(json.dumps({**json.loads(original), "base_checkpoint": "/elsewhere/weights/embedded/tiny_sd.safetensors"}))
+    assert evaluate.world_model(run)[0]["base_sha256"] == json.loads(original)["base_sha256"]
     (run / "run.json").write_bytes(original)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
