@@ -5,8 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,6 +73,32 @@ def args(ckpt, data, run, task, *extra):
 def snapshot(run):
     """Every file of a run folder by name, as bytes (None if there is no folder)."""
     return {p.name: p.read_bytes() for p in sorted(run.iterdir())} if run.exists() else None
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Three concept folders of two random images each, of two sizes; their names are the tests' own, not the world's."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for name in ("01_alice", "02_bob", "03_carol"):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 255, (16 + 4 * j, 16, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
+    return root
+
+
+def crash_at_step(monkeypatch, n):
+    """The n-th optimizer step raises KeyboardInterrupt: a kill after the checkpoints before it."""
+    import train
+    real, calls = train.torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train.torch.optim.AdamW, "step", step)
 
 
 @pytest.fixture

@@ -23,22 +23,13 @@ from PIL import Image
 import checkpoint
 import sample
 import train
-from conftest import args, snapshot
+from conftest import args, crash_at_step, snapshot
 from checkpoint import read_metadata
 from clip_text import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def data(tmp_path):
-    root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for name in ("01_alice", "02_bob", "03_carol"):
-        (root / name).mkdir(parents=True)
-        for j in range(2):
-            Image.fromarray(rng.integers(0, 255, (16 + 4 * j, 16, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
-    return root
 
 
 def refused(main, argv, says):
@@ -50,17 +41,6 @@ def refused(main, argv, says):
     assert re.search(says, line), line
 
 
-def crash_at_step(monkeypatch, n):
-    """The n-th optimizer step raises KeyboardInterrupt: a kill after the checkpoints before it."""
-    real, calls = train.torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(train.torch.optim.AdamW, "step", step)
 
 
 # 1. A partial checkpoint resumes only under the settings it was trained with -------------------------

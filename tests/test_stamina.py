@@ -12,7 +12,7 @@ import train
 from checkpoint import read_state_dict, save_safetensors
 from clip_text import Tokenizer
 from clora import S_MAX, CLoRA, MaskedDelta, load_run, pack_bits, slope, unpack_bits
-from conftest import args as train_args, rel_err, snapshot, tiny_models
+from conftest import args as train_args, crash_at_step, rel_err, snapshot, tiny_models
 
 
 def setup(**kw):
@@ -231,18 +231,6 @@ def test_ablations_change_what_trains():
 # The train.py protocol
 
 
-@pytest.fixture
-def data(tmp_path):
-    """Three concept folders of random images; their names are this test's own, not the world's."""
-    root = tmp_path / "data"
-    rng = np.random.default_rng(1)
-    for name in ("01_one", "02_two", "03_three"):
-        (root / name).mkdir(parents=True)
-        for j in range(2):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{j}.png")
-    return root
-
-
 def args(ckpt, data, run, task, *extra):
     return train_args(ckpt, data, run, task, "--method", "stamina", *extra)
 
@@ -285,15 +273,7 @@ def test_crash_resumes_exactly(tiny_ckpt, data, tmp_path, monkeypatch, capsys):
     extra = ("--mask-lr", "0.2", "--hardening", "ste")
     train.main(args(ckpt, data, ref, 2, *extra))
     train.main(args(ckpt, data, run, 1, *extra))
-    real_step, calls = train.torch.optim.AdamW.step, {"n": 0}
-
-    def crash_on_third_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # a kill after the step-2 checkpoint
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(train.torch.optim.AdamW, "step", crash_on_third_step)
+    crash_at_step(monkeypatch, 3)  # a kill after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         train.main(args(ckpt, data, run, 2, *extra))
     monkeypatch.undo()

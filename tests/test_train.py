@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import train
-from conftest import args, snapshot
+from conftest import args, crash_at_step, snapshot
 from checkpoint import read_state_dict
 
 
@@ -64,15 +64,7 @@ def test_crash_in_task_2_resumes_and_keeps_task_1(tiny_ckpt, data, tmp_path, mon
     train.main(args(ckpt, data, run, 1))
     task1 = (run / "task_01.safetensors").read_bytes()
 
-    real_step, calls = train.torch.optim.AdamW.step, {"n": 0}
-
-    def crash_on_third_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # a kill after the step-2 checkpoint
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(train.torch.optim.AdamW, "step", crash_on_third_step)
+    crash_at_step(monkeypatch, 3)  # a kill after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         train.main(args(ckpt, data, run, 2))
     monkeypatch.undo()
