@@ -71,13 +71,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # No class word: the concept word alone carries the identity (the paper's setting).
 TEMPLATES = ["a photo of {}", "a rendering of {}", "a cropped photo of {}", "the photo of {}", "a close-up photo of {}",
              "a bright photo of {}", "a good photo of {}", "a photo of the {}", "a dark photo of {}", "{}"]
-# The prior term's weight on the tiny model (README, "A concept takes over the base prompts"): without it a
+# The prior term's weight on the tiny model (README, "Why the prior term"): without it a
 # concept learned there takes over prompts that do not name it. Not in either paper; 0 on SD 1.x.
 PRIOR_TINY = 1.0
 PRIOR_CAPTIONS = 500  # base captions of the world the tiny model's prior term draws from
 # Per-model defaults, keyed by the checkpoint's metadata "model" (none: SD 1.x). SD 1.x: the paper's
 # settings. The tiny model: chosen on it (README, "The embedded default"); no lambda both keeps and
-# learns there, and 1e3 is the keeping end (README, "Is lambda the dial?"). STAMINA's (only the abstract
+# learns there, and 1e3 is the keeping end (docs/history.md, "Is lambda the dial?"). STAMINA's (only the abstract
 # is known): its LoRA settings are the paper's LoRA settings; mask_lr, sparsity, hardening and steer are
 # ours, untested on SD 1.x, and on the tiny model kept after a five-task ablation (README, "STAMINA").
 DEFAULTS = {

@@ -99,7 +99,7 @@ def test_shipped_model_loads_strictly_and_follows_captions(tiny):
 
 def test_base_prompts_draw_their_own_kind(tiny, monkeypatch):
     """evaluate.kept on the base model: "a photo of a face" / "a photo of a building" draw their own kind
-    (0.984 at seed 0, 0.875 and 0.891 at seeds 1 and 2: README, "A concept takes over the base prompts").
+    (0.984 at seed 0, 0.875 and 0.891 at seeds 1 and 2: README, "The experiment and its validity checks").
     Samples placed in a learned concept do not count: with every face concept learned, only the building half is left."""
     classifier, samples, generate = evaluate.load_classifier(), {}, evaluate.generate
 
