@@ -217,6 +217,11 @@ def test_validity_checks_pass_and_fail_as_stated():
     taken = [dict(r, kept=0.4) if r["method"] == "clora" else r for r in good]  # a concept takes over the base prompts
     for bad in (weak, tokens, stable, taken):
         assert [ok for ok, _ in experiment.checks(bad, [0], quick=True)].count(False) == 1
+    # Without ti alone, its stream stands for it: each ti task trains as its concept would alone.
+    streams = [r for r in good if r["method"] != "ti"] + [result("stream", "ti", 0, plasticity_acc=0.3)]
+    assert [ok for ok, line in experiment.checks(streams, [0], quick=False) if "needs weights" in line] == [True]
+    streams[-1]["plasticity_acc"] = 0.8
+    assert [ok for ok, line in experiment.checks(streams, [0], quick=False) if "needs weights" in line] == [False]
     # Seeds that disagree: the interval of a headline figure is wider than +-0.05.
     seeds = [result("stream", "clora", s, final_acc=a) for s, a in enumerate((0.5, 0.6, 0.7))]
     (ok, line), = experiment.checks(seeds, [0, 1, 2], quick=False)
