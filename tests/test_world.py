@@ -83,7 +83,7 @@ def group_caption(g):
 def test_shipped_model_loads_strictly_and_follows_captions(tiny):
     """A look-alike group's caption draws that group, as the concept classifier judges it: the base
     model can draw what text says, so a concept that fails to reach its group fails in the learning
-    (README, "Where the testbed stands"). Bare domain words ("a photo of a face") are not enough for
+    (README, "The tiny SD"). Bare domain words ("a photo of a face") are not enough for
     this model: an under-specified prompt comes out as a washed-out blend."""
     meta = read_metadata(EMBEDDED)
     assert tiny.name == meta["model"] == "tiny-world" and meta["world"] == str(world.VERSION) and tiny.resolution == world.SIZE
