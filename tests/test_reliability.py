@@ -30,8 +30,6 @@ from clip_text import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def refused(main, argv, says):
     """main(argv) exits non-zero with one line `error: ...` matching `says`."""
     with pytest.raises(SystemExit) as e:
