@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clip_text import TextConfig, TextEncoder  # noqa: E402
+import train  # noqa: E402
 from sample import SCHEDULE_KEYS, alphas_cumprod  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
@@ -89,7 +90,6 @@ def data(tmp_path):
 
 def crash_at_step(monkeypatch, n):
     """The n-th optimizer step raises KeyboardInterrupt: a kill after the checkpoints before it."""
-    import train
     real, calls = train.torch.optim.AdamW.step, {"n": 0}
 
     def step(self, *a, **k):
