@@ -15,7 +15,8 @@ the base model (no earlier task to forget or to be regularised against), scored 
 task. Every run uses the model's default settings of train.py. Jobs run in parallel processes, one
 thread each: one job at a time per device of `--devices` (default: one per visible GPU; without one,
 `--workers` jobs on the CPU); a job trains on its device and scores on the CPU. Figures are means
-over seeds with a 95% interval (Student's t); a cell is scored on `--n` samples. Writes
+over seeds with a 95% interval (Student's t), and each stream's final accuracy and forgetting minus
+clora's on the same seed (`paired`); a cell is scored on `--n` samples. Writes
 `--out`/results.md, results.json, matrices.png, curves.png and a log per job in `--out`/logs/ (each call appends to it).
 
 The validity checks (printed, and the exit status of --check):
@@ -144,6 +145,28 @@ def table(results, methods, seeds):
                      f"{fmt(per_seed(results, 'alone', m, 'final_mmd', seeds))} | – | "
                      f"{fmt(per_seed(results, 'alone', m, 'kept', seeds))} | – |")
     return "\n".join(lines)
+
+
+def paired(results, methods, seeds, ref="clora"):
+    """Each stream's final accuracy and forgetting minus `ref`'s on the same seed, with the interval of those
+    differences over the seeds: the answer to "does this method beat C-LoRA?", which two figures' own
+    intervals do not give. Seeds pair the runs: a seed gives every method the same draws of each task's
+    batches, timesteps and noise (train.task_seed)."""
+    def figure(m, s, key):
+        return next((r[key] for r in results if r["kind"] == "stream" and r["method"] == m and r["seed"] == s), None)
+    lines = []
+    for m in methods:
+        both = [s for s in seeds if figure(m, s, "final_acc") is not None and figure(ref, s, "final_acc") is not None]
+        if m == ref or not both:
+            continue
+        diffs = {k: [figure(m, s, k) - figure(ref, s, k) for s in both] for k in ("final_acc", "forgetting_acc")}
+        per = ", ".join(f"{d:+.3f}" for d in diffs["final_acc"])
+        lines.append(f"| {m} | {fmt(diffs['final_acc'])} | {fmt(diffs['forgetting_acc'])} | {per} |")
+    if not lines:
+        return ""
+    return "\n".join([f"Paired by seed: each stream minus {ref} on the same seed (the same draws of batches and noise)", "",
+                      f"| method | final accuracy − {ref}'s | forgetting − {ref}'s | final accuracy − {ref}'s, per seed |",
+                      "|---|---|---|---|", *lines])
 
 
 def checks(results, seeds, quick):
@@ -320,7 +343,8 @@ def main(argv=None):
               "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind "
               "and not a learned concept")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
-    md = header + "\n\n" + table(results, methods, seeds) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    pairs = paired(results, methods, seeds)
+    md = header + "\n\n" + table(results, methods, seeds) + (pairs and "\n\n" + pairs) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     write_text(md, out / "results.md")
     write_text(json.dumps({"minutes": minutes, "checks": lines, "results": results}, indent=1) + "\n", out / "results.json")
     matrices_png(out, methods, seeds[0])

@@ -236,6 +236,19 @@ def test_validity_checks_pass_and_fail_as_stated():
     assert abs(mean - 0.60333) < 1e-4 and abs(half - 4.303 * np.std([0.6, 0.61, 0.6], ddof=1) / 3**0.5) < 1e-9
 
 
+def test_paired_differences_cancel_what_a_seed_moves_in_every_method():
+    """Seeds that move both methods alike: each figure's interval is wide, the paired difference's is zero;
+    a seed on which clora did not run is left out of the pairs."""
+    rs = [result("stream", m, s, final_acc=a + d, forgetting_acc=0.5 - d)
+          for s, a in enumerate((0.3, 0.5, 0.7)) for m, d in (("clora", 0.0), ("stamina", 0.1))]
+    rs.append(result("stream", "stamina", 3, final_acc=0.0, forgetting_acc=0.0))
+    md = experiment.paired(rs, ["clora", "stamina", "lora"], [0, 1, 2, 3])
+    assert md.splitlines()[-1] == "| stamina | 0.100 ± 0.000 | -0.100 ± 0.000 | +0.100, +0.100, +0.100 |"
+    assert "| clora |" not in md and "| lora |" not in md
+    assert experiment.interval(experiment.per_seed(rs, "stream", "clora", "final_acc", [0, 1, 2]))[1] > 0.4  # the figure's own
+    assert experiment.paired([r for r in rs if r["method"] == "stamina"], ["stamina"], [0, 1, 2]) == ""
+
+
 def test_curves_draw_the_upper_bound_where_the_experiment_has_it(tmp_path):
     """The curve figure: a stream's accuracy right after learning in its colour, and each concept
     alone (the upper bound, black) at its height: 0.9 alone puts black at y = 10 + 0.1 * 260."""
