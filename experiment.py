@@ -152,14 +152,13 @@ def paired(results, methods, seeds, ref="clora"):
     differences over the seeds: the answer to "does this method beat C-LoRA?", which two figures' own
     intervals do not give. Seeds pair the runs: a seed gives every method the same draws of each task's
     batches, timesteps and noise (train.task_seed)."""
-    def figure(m, s, key):
-        return next((r[key] for r in results if r["kind"] == "stream" and r["method"] == m and r["seed"] == s), None)
+    stream = {(r["method"], r["seed"]): r for r in results if r["kind"] == "stream"}
     lines = []
     for m in methods:
-        both = [s for s in seeds if figure(m, s, "final_acc") is not None and figure(ref, s, "final_acc") is not None]
+        both = [s for s in seeds if (m, s) in stream and (ref, s) in stream]
         if m == ref or not both:
             continue
-        diffs = {k: [figure(m, s, k) - figure(ref, s, k) for s in both] for k in ("final_acc", "forgetting_acc")}
+        diffs = {k: [stream[m, s][k] - stream[ref, s][k] for s in both] for k in ("final_acc", "forgetting_acc")}
         per = ", ".join(f"{d:+.3f}" for d in diffs["final_acc"])
         lines.append(f"| {m} | {fmt(diffs['final_acc'])} | {fmt(diffs['forgetting_acc'])} | {per} |")
     if not lines:
