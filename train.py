@@ -449,7 +449,8 @@ def train_task(model, adapter, word, images, args, task, run_dir, trained_with):
             pick = torch.randint(len(args.prior_captions), (args.batch,), generator=g)[mine].tolist()
             base_ids = model.tokenizer([args.prior_captions[i] for i in pick]).to(device)
             with torch.no_grad(), adapter.previous():
-                target = plain(base_ids, noisy, t).float()
+                # A copy: compiled on CUDA, the next UNet call (the training graph) reuses this graph's output memory.
+                target = plain(base_ids, noisy, t).float().clone()
             # One forward for both halves: DDP averages the gradients of one forward per step.
             pred, base_pred = denoiser(torch.cat([ids, base_ids]), torch.cat([noisy, noisy]), torch.cat([t, t])).chunk(2)
         else:
