@@ -10,7 +10,9 @@ it (and its rate in it/s), and, with --train, one C-LoRA training step per batch
 a frozen past task, penalty on; rank 16 on every attn2.to_k / to_v) against diffusers + peft LoRA on
 the same layers (no penalty: peft has none), then one STAMINA step (clora.py: the same factors gated
 by relaxed masks, sparsity term on) against the same reference, and its cost over C-LoRA's.
---compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton).
+--compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton). --profile adds,
+for ours, torch.profiler's top ops by their own time in one DDIM + CFG call and one C-LoRA train step
+(on CUDA: the kernels, also those a replayed CUDA graph runs): where the time goes.
 
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
 below 1 is faster) and the peak memory each forward adds on top of the loaded weights. Weights are
@@ -112,6 +114,7 @@ def main():
     p.add_argument("--ref-channels-last", action="store_true", help="give the references our NHWC layout too")
     p.add_argument("--peak-tflops", type=float, help="the device's dense peak in --dtype (H100 SXM bf16: 989): prints MFU")
     p.add_argument("--compile", action="store_true", help="our UNet through sample.compile_unet (Triton-free) for the UNet, DDIM and train rows")
+    p.add_argument("--profile", action="store_true", help="also print where the time of ours' DDIM call and train step goes")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     diffusers.utils.logging.set_verbosity_error()  # its note on casting with .to() concerns loading from a hub folder, not used here
@@ -153,6 +156,8 @@ def main():
                         lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=ctx, latents=latents, num_inference_steps=steps,
                                      guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
         print(f"# ddim+cfg, {steps} steps: ours {1 / rates[0]:.2f} it/s, ref {1 / rates[1]:.2f} it/s (whole calls, text K/V caching included)")
+        if args.profile:
+            profile(f"ddim+cfg call ({steps} steps)", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5), device)
     if args.train is not None:
         add_peft(ref_unet, args.rank)
         times = {}
@@ -164,6 +169,8 @@ def main():
                 name = "train step" if method == "clora" else "stamina step"
                 times[method, b] = compare(f"{name} r{args.rank} b{b}", ours_step, ref_step, device, args.repeats)
                 throughput(f"{name} b{b}", train_steps(adapter, unet, ref_unet, *batch)[0], times[method, b][0], args.peak_tflops)
+                if args.profile:
+                    profile(f"{name} b{b}", ours_step, device)
             adapter.detach()
         for b in args.train or [args.batch]:
             (s, s_ref), (c, c_ref) = times["stamina", b], times["clora", b]
@@ -197,6 +204,19 @@ def throughput(name, fn, seconds, peak_tflops):
     tflops = counter.get_total_flops() / seconds / 1e12
     print(f"# {name}: {counter.get_total_flops() / 1e9:.1f} GFLOP per call, ours {tflops:.3f} TFLOP/s"
           + (f", MFU {100 * tflops / peak_tflops:.1f}% of {peak_tflops:g}" if peak_tflops else ""), flush=True)
+
+
+def profile(name, fn, device, rows=15):
+    """The top `rows` ops of one call of fn by their own time on the device, as torch.profiler counts it."""
+    from torch.profiler import ProfilerActivity
+    cuda = device.type == "cuda"
+    fn()  # warm: a compiled call records its graph first
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    print(f"# profile of one {name}:\n" + "\n".join("#   " + line for line in table.splitlines() if line.strip()), flush=True)
 
 
 def add_adapter(text, unet, rank, method):

@@ -182,9 +182,12 @@ def test_bench_prints_every_row():
     """bench.py (the figures in BENCHMARKS.md) runs end to end on the tiny models: a GPU session's few
     minutes must not be spent on a broken script."""
     root = Path(__file__).parent.parent
-    out = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--res", "32", "--repeats", "1", "--train", "1", "2"],
+    out = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--res", "32", "--repeats", "1", "--train", "1", "2", "--profile"],
                          cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
     rows = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line and not line.startswith("#")]
     assert rows == ["component ours", "text encoder", "unet forward", "vae decode", "ddim+cfg step",
                     "train step", "train step", "stamina step", "stamina step"], out
     assert out.count("TFLOP/s") == 6 and "it/s" in out and out.count("# stamina / clora train step") == 2
+    profiles = [line for line in out.splitlines() if line.startswith("# profile of one")]
+    assert profiles == ["# profile of one ddim+cfg call (4 steps):"] + [f"# profile of one {m} step b{b}:" for m in ("train", "stamina") for b in (1, 2)], out
+    assert "convolution" in out  # the tables name the ops
