@@ -11,7 +11,7 @@ a frozen past task, penalty on; rank 16 on every attn2.to_k / to_v) against diff
 the same layers (no penalty: peft has none), then one STAMINA step (clora.py: the same factors gated
 by relaxed masks, sparsity term on) against the same reference, and its cost over C-LoRA's.
 --compile runs our UNet through sample.compile_unet (cudagraphs on CUDA, no Triton). --profile adds,
-for ours, torch.profiler's top ops by their own time in one DDIM + CFG call and one C-LoRA train step
+for ours, torch.profiler's top ops by their own time in one DDIM + CFG call and in each train-step row
 (on CUDA: the kernels, also those a replayed CUDA graph runs): where the time goes.
 
 Prints, per component, the median time of ours and of the reference, their ratio (ours / reference:
