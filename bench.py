@@ -152,12 +152,13 @@ def main():
         # cached once per call: the fewer the steps, the less that saves) and as diffusers'
         # StableDiffusionPipeline runs it.
         pipe, size, steps = diffusers_pipeline(ref_unet, ref_vae), args.res, args.steps
-        rates = compare("ddim+cfg step", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5),
+        ours_ddim = lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5)  # noqa: E731
+        rates = compare("ddim+cfg step", ours_ddim,
                         lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=ctx, latents=latents, num_inference_steps=steps,
                                      guidance_scale=7.5, height=size, width=size, output_type="latent"), device, args.repeats, per=steps)
         print(f"# ddim+cfg, {steps} steps: ours {1 / rates[0]:.2f} it/s, ref {1 / rates[1]:.2f} it/s (whole calls, text K/V caching included)")
         if args.profile:
-            profile(f"ddim+cfg call ({steps} steps)", lambda: ddim_sample(run_unet, ctx, ctx, latents, steps, 7.5), device)
+            profile(f"ddim+cfg call ({steps} steps)", ours_ddim, device)
     if args.train is not None:
         add_peft(ref_unet, args.rank)
         times = {}
