@@ -4,7 +4,7 @@ checks that show the experiment can tell the methods apart.
 
     python experiment.py                                       # 10 concepts, every method, 3 seeds + upper bound
     python experiment.py --check                               # the quick validity checks; non-zero exit if one fails
-    python experiment.py --tasks 50 --every 10 --methods clora lora --no-upper-bound --out runs/long
+    python experiment.py --tasks 50 --every 10 --methods clora lora stamina --no-upper-bound --pair-with clora lora --out runs/long
     python experiment.py --tasks 3 --seeds 0 --methods clora --no-upper-bound --train-args="--lam 1e4" --out runs/lam1e4
     python experiment.py --tasks 5 --every 5 --methods stamina --no-upper-bound --train-args=--no-mask --out runs/abl-no-mask
     python experiment.py --devices cuda:0,cuda:1                 # the runs spread over two GPUs (default: every visible one)
@@ -15,8 +15,10 @@ the base model (no earlier task to forget or to be regularised against), scored 
 task. Every run uses the model's default settings of train.py. Jobs run in parallel processes, one
 thread each: one job at a time per device of `--devices` (default: one per visible GPU; without one,
 `--workers` jobs on the CPU); a job trains on its device and scores on the CPU. Figures are means
-over seeds with a 95% interval (Student's t), and each stream's final accuracy and forgetting minus
-clora's on the same seed (`paired`); a cell is scored on `--n` samples. Writes
+over seeds with a 95% interval (Student's t); each stream's final accuracy and forgetting minus
+those of the `--pair-with` methods on the same seed (`paired`); and, where a stream has more than one
+full row (`--every`), the mean accuracy over the concepts learned so far after each of those tasks
+(`checkpoints`). A cell is scored on `--n` samples. Writes
 `--out`/results.md, results.json, matrices.png, curves.png and a log per job in `--out`/logs/ (each call appends to it).
 
 The validity checks (printed, and the exit status of --check):
@@ -149,8 +151,8 @@ def table(results, methods, seeds):
 
 def paired(results, methods, seeds, ref="clora"):
     """Each stream's final accuracy and forgetting minus `ref`'s on the same seed, with the interval of those
-    differences over the seeds: the answer to "does this method beat C-LoRA?", which two figures' own
-    intervals do not give. Seeds pair the runs: a seed gives every method the same draws of each task's
+    differences over the seeds: the answer to "does this method beat C-LoRA?" (or LoRA, with ref="lora"),
+    which two figures' own intervals do not give. Seeds pair the runs: a seed gives every method the same draws of each task's
     batches, timesteps and noise (train.task_seed)."""
     stream = {(r["method"], r["seed"]): r for r in results if r["kind"] == "stream"}
     lines = []
@@ -166,6 +168,26 @@ def paired(results, methods, seeds, ref="clora"):
     return "\n".join([f"Paired by seed: each stream minus {ref} on the same seed (the same draws of batches and noise)", "",
                       f"| method | final accuracy − {ref}'s | forgetting − {ref}'s | final accuracy − {ref}'s, per seed |",
                       "|---|---|---|---|", *lines])
+
+
+def checkpoints(results, methods, seeds):
+    """For long streams: after each task i whose row was fully scored, the mean accuracy over concepts
+    1..i (what the model holds at that point of the stream), mean ± 95% over seeds. "" when no stream
+    has a full row before its last (then the final accuracy says it all)."""
+    stream = [r for r in results if r["kind"] == "stream"]
+    if not stream:
+        return ""
+    # Task 1's row is always full (one cell, R[1][1]): a full row after it is one that --every asked for.
+    rows = [i for i, row in enumerate(stream[0]["acc"]) if i > 0 and all(a is not None for a in row[:i + 1])]
+    if len(rows) < 2:
+        return ""
+    lines = []
+    for m in methods:
+        rs = [r for r in stream if r["method"] == m and r["seed"] in seeds]
+        if rs:
+            lines.append(f"| {m} | " + " | ".join(fmt([np.mean(r["acc"][i][:i + 1]) for r in rs]) for i in rows) + " |")
+    return "\n".join(["Mean accuracy over the concepts learned so far, after task i", "",
+                      "| method | " + " | ".join(f"i = {i + 1}" for i in rows) + " |", "|---" * (len(rows) + 1) + "|", *lines])
 
 
 def checks(results, seeds, quick):
@@ -287,6 +309,8 @@ def main(argv=None):
     # the seeds-agree check asks; 128 halves it, for a few more minutes of scoring per 10-task stream (README).
     p.add_argument("--n", type=int, default=128, help="samples per scored cell")
     p.add_argument("--every", type=int, default=1, help="score full rows after every N-th task (long streams)")
+    p.add_argument("--pair-with", nargs="+", choices=list(METHODS), default=["clora"], metavar="METHOD",
+                   help="the methods every stream is paired against, seed by seed (default: clora)")
     p.add_argument("--no-upper-bound", action="store_true")
     p.add_argument("--check", action="store_true", help="the quick validity checks: exit 1 if one fails")
     p.add_argument("--workers", type=int, default=2, help="parallel jobs on the CPU, when there is no GPU and no --devices")
@@ -342,8 +366,9 @@ def main(argv=None):
               "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind "
               "and not a learned concept")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
-    pairs = paired(results, methods, seeds)
-    md = header + "\n\n" + table(results, methods, seeds) + (pairs and "\n\n" + pairs) + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    extra = [paired(results, methods, seeds, ref) for ref in args.pair_with] + [checkpoints(results, methods, seeds)]
+    md = (header + "\n\n" + table(results, methods, seeds) + "".join("\n\n" + x for x in extra if x)
+          + "\n\nValidity checks:\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     write_text(md, out / "results.md")
     write_text(json.dumps({"minutes": minutes, "checks": lines, "results": results}, indent=1) + "\n", out / "results.json")
     matrices_png(out, methods, seeds[0])

@@ -288,3 +288,20 @@ def test_experiment_refuses_a_folder_of_runs_made_with_other_flags(tmp_path):
     with pytest.raises(SystemExit, match=r"made with --train-args '--lam 10 --prior 0', not '--lam 10'"):
         experiment.claim(old, "--lam 10")
     experiment.claim(old, "--lam 10 --prior 0")
+
+
+def test_checkpoints_give_the_mean_over_concepts_learned_so_far_after_each_full_row():
+    """A 4-task stream scored in full after tasks 2 and 4 (--every 2): after task 2 the mean of R[2][1..2],
+    after task 4 that of R[4][1..4], mean over seeds; a stream with only its last row full gives ""."""
+    acc = [[0.8, None, None, None], [0.4, 0.6, None, None], [None, None, 0.9, None], [0.0, 0.2, 0.4, 0.6]]
+    rs = [result("stream", "lora", s, acc=acc) for s in (0, 1)]
+    md = experiment.checkpoints(rs, ["clora", "lora"], [0, 1])
+    assert md.splitlines()[2:] == ["| method | i = 2 | i = 4 |", "|---|---|---|", "| lora | 0.500 ± 0.000 | 0.300 ± 0.000 |"]
+    last_only = [[0.8, None], [0.4, 0.6]]
+    assert experiment.checkpoints([result("stream", "lora", 0, acc=last_only)], ["lora"], [0]) == ""
+
+
+def test_paired_against_another_reference():
+    rs = [result("stream", m, s, final_acc=a) for s in (0, 1) for m, a in (("lora", 0.3), ("stamina", 0.4), ("clora", 0.35))]
+    md = experiment.paired(rs, ["clora", "lora", "stamina"], [0, 1], ref="lora")
+    assert "minus lora" in md and "| stamina | 0.100 ± 0.000 |" in md and "| clora | 0.050 ± 0.000 |" in md
