@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import world
-from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, write_text
+from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256, write_text
 from clora import CLoRA, read_run, read_task, task_file
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, run_checkpoint, save_png
 
@@ -212,6 +212,9 @@ def world_model(run_dir):
     if meta.get("world") != str(world.VERSION):
         raise CheckpointError(f"{run_dir}: made on world version {meta.get('world', '1')}, this is world {world.VERSION}; "
                               "retrain it (python train.py --task N) on the shipped model")
+    if sha256(base) != run["base_sha256"]:  # the scores' key holds the recorded digest: the file must be that model
+        raise CheckpointError(f"{run_dir}: {base} is not the model this run was trained on (its digest differs from "
+                              "run.json's); put that model back, or retrain the run on this one")
     unknown = [t["word"] for t in run["tasks"] if t["word"] not in INDEX]
     if unknown:
         raise CheckpointError(f"{run_dir}: {unknown[0]} is not a concept of world {world.VERSION}; only runs on its concepts can be scored")
@@ -259,15 +262,18 @@ def scoring(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1):
 
 
 def scored(run_dir, key):
-    """The matrices of the run's eval.json if it was scored as `key` asks, or more fully (full rows
-    after every e-th task, e dividing key's every); else None. Lets a long experiment resume."""
+    """The matrices of the run's eval.json if it was scored as `key` asks, or more fully (every full row
+    that key's every asks for among its full rows); else None. Lets a long experiment resume."""
     try:
         old = json.loads((Path(run_dir) / "eval.json").read_text())
     except (OSError, ValueError):
         return None
     done = old.get("scored_with") or {}
     same = {k: v for k, v in done.items() if k != "every"} == {k: v for k, v in key.items() if k != "every"}
-    if not same or key["every"] % done["every"]:
+    if not same:
+        return None
+    T = len(old["acc"])  # the last row is always full; before it, rows i with (i + 1) % every == 0
+    if any((i + 1) % done["every"] for i in range(T - 1) if (i + 1) % key["every"] == 0):
         return None
     return {"words": old["words"], "delta_norms": old["delta_norms"], "kept": old["kept"],
             **{k: np.array(old[k], dtype=float) for k in ("acc", "mmd")}}  # None (unscored) reads as NaN

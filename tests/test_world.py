@@ -173,6 +173,7 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     evaluate.write_outputs(res, run, evaluate.scoring(run, n=2, steps=2, every=2))
     assert evaluate.scored(run, evaluate.scoring(run, n=2, steps=2, every=4)) is not None
     assert evaluate.scored(run, evaluate.scoring(run, n=2, steps=2, every=1)) is None  # rows it has not scored
+    assert evaluate.scored(run, evaluate.scoring(run, n=2, steps=2, every=7)) is not None  # only the last row: it has it
 
     # Bad input: one line, non-zero exit, the run's files unchanged.
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -187,6 +188,14 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     # A run made on the shipped model in another checkout (a clone of the README's committed runs) is scored on this one's.
     (run / "run.json").write_text(json.dumps({**json.loads(original), "base_checkpoint": "/elsewhere/weights/embedded/tiny_sd.safetensors"}))
     assert evaluate.world_model(run)[0]["base_sha256"] == json.loads(original)["base_sha256"]
+    # The shipped model's place holding another model of the same world: its digest is not the run's.
+    changed = tmp_path / "changed.safetensors"
+    sd = read_state_dict(EMBEDDED)
+    sd = {k: v + 1 if k == next(iter(sd)) else v for k, v in sd.items()}
+    save_safetensors(sd, changed, metadata=read_metadata(EMBEDDED))
+    (run / "run.json").write_text(json.dumps({**json.loads(original), "base_checkpoint": str(changed)}))
+    with pytest.raises(SystemExit, match="is not the model this run was trained on"):
+        evaluate.main(["--run", str(run), "--n", "2"])
     (run / "run.json").write_bytes(original)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
@@ -232,6 +241,8 @@ def test_validity_checks_pass_and_fail_as_stated():
     alone = agree + [result("alone", "clora", s, j, final_acc=a) for s, a in enumerate((0.8, 0.9, 0.95)) for j in range(2)]
     (ok, line), = [c for c in experiment.checks(alone, [0, 1, 2], quick=False) if "seeds agree" in c[1]]
     assert not ok and "clora alone final_acc" in line
+    # Beyond the table (10 seeds), t(0.975, n - 1) from its expansion: t(0.975, 10) = 2.2281, t(0.975, 30) = 2.0423.
+    assert abs(experiment.t975(11) - 2.2281) < 0.005 and abs(experiment.t975(31) - 2.0423) < 0.002
     mean, half = experiment.interval([0.60, 0.61, 0.60])
     assert abs(mean - 0.60333) < 1e-4 and abs(half - 4.303 * np.std([0.6, 0.61, 0.6], ddof=1) / 3**0.5) < 1e-9
 
@@ -297,6 +308,9 @@ def test_checkpoints_give_the_mean_over_concepts_learned_so_far_after_each_full_
     rs = [result("stream", "lora", s, acc=acc) for s in (0, 1)]
     md = experiment.checkpoints(rs, ["clora", "lora"], [0, 1])
     assert md.splitlines()[2:] == ["| method | i = 2 | i = 4 |", "|---|---|---|", "| lora | 0.500 ± 0.000 | 0.300 ± 0.000 |"]
+    # A run scored before at a finer --every (kept by evaluate.scored) has more full rows: the table keeps those of every run.
+    finer = [result("stream", "lora", 2, acc=[[0.8, None, None, None], [0.4, 0.6, None, None], [0.1, 0.1, 0.9, None], acc[3]])]
+    assert experiment.checkpoints(rs + finer, ["lora"], [0, 1, 2]).splitlines()[2] == "| method | i = 2 | i = 4 |"
     last_only = [[0.8, None], [0.4, 0.6]]
     assert experiment.checkpoints([result("stream", "lora", 0, acc=last_only)], ["lora"], [0]) == ""
 
