@@ -137,7 +137,10 @@ class KVDelta(nn.Module):
             return y
         if self.mask is not None:  # a masked delta is an (out, in) matrix whichever way it is computed
             m = self.mask
-            d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste, m.free) if m.relaxed else self.delta()
+            # In float32 under any autocast: the mask that trains must be the one that folds (task_tensors,
+            # float32), and a bf16 L flips 1[L > 0] near zero (about 0.04% of the entries at init).
+            with torch.autocast(x.device.type, enabled=False):
+                d = MaskedDelta.apply(self.A, self.B, m.U, m.V, m.b, m.s, m.ste, m.free) if m.relaxed else self.delta()
             return y + F.linear(x, d.to(x.dtype))
         # The current task's term through its factors, x B^T A^T: never an (out, in) matrix in the graph.
         if self.A is not None:
@@ -351,6 +354,12 @@ class CLoRA(nn.Module):
             raise ValueError(f"task tensors for {word} do not fit method {self.method!r} on this UNet "
                              f"({len(set(tensors) ^ (keys | {'tokens'}))} keys differ)")
         self._add_concept(word, len(tensors["tokens"]))
+        self._stack(tensors)
+
+    def _stack(self, tensors):
+        """Add a task's stored tensors to the frozen past. A task finished in this process goes through here
+        too, so that the past is the same bits whether a task was just trained or read back from its file,
+        on any device (the K/V products are formed on the CPU, from the stored float32 factors)."""
         self.embedding.past = torch.cat([self.embedding.past, tensors["tokens"].to(self.embedding.past)])
         for name, layer in self.kv.items():
             key = name.replace("/", ".")
@@ -378,15 +387,12 @@ class CLoRA(nn.Module):
         return out
 
     def finish_task(self):
-        """Freeze the current task into the past, so the next task can start in the same process."""
+        """Freeze the current task into the past, as a load of its task file would, so the next task can
+        start in the same process."""
+        tensors = self.task_tensors()
         for layer in self.kv.values():
-            d = layer.delta()
-            if d is not None:
-                layer.past += d.detach().float()
-            if self.method == "stamina":  # as a load of the task file does it (all ones with --no-mask)
-                layer.taken |= layer.hard_mask()
             layer.A = layer.B = layer.D = layer.mask = None
-        self.embedding.past = torch.cat([self.embedding.past, self.embedding.current().detach().float()])
+        self._stack(tensors)
         self.embedding.new = nn.Parameter(self.embedding.past[:0].clone())
         self.embedding.mlp = None
 

@@ -621,13 +621,19 @@ def check_args(args):
 
 
 def check_stamina(args):
-    """STAMINA's flags with another method, or a negative sparsity weight, are errors, not ignored."""
+    """A setting that the method would not use is an error, not ignored: STAMINA's flags with another
+    method, the masks' flags with --no-mask, lambda with a method that has no penalty; so is a sparsity
+    weight that is negative or not finite."""
     given = [f"--{'no-' if getattr(args, k) is False else ''}{k.replace('_', '-')}" for k in STAMINA if getattr(args, k) is not None]
+    if args.method == "stamina" and not args.mask and given:
+        raise TrainError(f"{', '.join(given)}: settings of the masks, which --no-mask turns off")
     given += [f"--no-{k.replace('_', '-')}" for k in ("mask", "mlp_tokens") if not getattr(args, k)]
     if given and args.method != "stamina":
         raise TrainError(f"{', '.join(given)}: settings of --method stamina, not of {args.method}")
-    if args.sparsity is not None and not args.sparsity >= 0:
-        raise TrainError(f"--sparsity {args.sparsity}: the sparsity weight must be >= 0")
+    if args.lam is not None and not METHODS[args.method][1]:
+        raise TrainError(f"--lam: C-LoRA's penalty weight; --method {args.method} has no penalty (pass --method clora, or no --lam)")
+    if args.sparsity is not None and not (math.isfinite(args.sparsity) and args.sparsity >= 0):
+        raise TrainError(f"--sparsity {args.sparsity}: the sparsity weight must be finite and >= 0")
 
 
 def prepare(args):
@@ -730,9 +736,11 @@ def train_run(args, ckpt, stream, settings, run_dir):
         if RANK == 0:  # the one writer; every rank holds the same weights
             path = task_file(run_dir, task)
             save_safetensors(tensors, path, metadata={"word": word, "task": task, "method": args.method})
+            # The settings the task was trained with, and where it ran.
             record = {"task": task, "word": word, "folder": folder.name, "steps": args.steps, "lr": args.lr,
-                      "token_lr": args.token_lr, "lam": args.lam, "mirror": args.mirror, "processes": WORLD, "file": path.name, "sha256": sha256(path),
-                      "delta_norm": norms}
+                      "token_lr": args.token_lr, "lam": args.lam, "mirror": args.mirror, "seed": args.seed, "batch": args.batch,
+                      "res": args.res, "dtype": args.dtype, "device": args.device, "processes": WORLD, "file": path.name,
+                      "sha256": sha256(path), "delta_norm": norms}
             if args.method == "stamina":
                 record.update(mask_lr=args.mask_lr, mask_density=adapter.mask_density(), taken=adapter.taken_density())
             done[task] = record

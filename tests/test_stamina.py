@@ -2,7 +2,6 @@
 hard masks and the sparsity term, MLP tokens, folding and task files, and the train.py protocol."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from PIL import Image
 import train
 from checkpoint import read_state_dict, save_safetensors
 from clip_text import Tokenizer
-from clora import S_MAX, CLoRA, MaskedDelta, load_run, pack_bits, slope, unpack_bits
+from clora import HARDENING, S_MAX, CLoRA, KVDelta, MaskedDelta, load_run, pack_bits, slope, unpack_bits
 from conftest import args as train_args, crash_at_step, rel_err, snapshot, tiny_models
 
 
@@ -140,8 +139,9 @@ def test_masks_are_hard_at_the_end_of_training(hardening):
         if hardening == "ste":  # the training forward is the hard mask's at every step
             assert torch.equal(trained, layer.delta())
         else:  # at the last step sigmoid(S_MAX L) is a step on all but the entries nearest L = 0
-            relaxed = torch.sigmoid(m.s * m.logits())
+            relaxed, soft = torch.sigmoid(m.s * m.logits()), torch.sigmoid(m.logits())  # soft: slope 1, never annealed
             assert ((relaxed - layer.hard_mask().float()).abs() > 1e-3).float().mean() < 0.01
+            assert ((soft - layer.hard_mask().float()).abs() > 1e-3).float().mean() > 0.5  # what the annealing changed
     adapter.set_slope(None)  # as train.py leaves them: the forward is the folded model's
     assert not any(layer.mask.relaxed for layer in adapter.kv.values())
 
@@ -205,7 +205,7 @@ def test_mlp_tokens_fold_into_the_mlp_output():
     l1, l2 = emb.mlp[0], emb.mlp[2]
     expected = emb.new + F.linear(F.gelu(F.linear(emb.new, l1.weight, l1.bias)), l2.weight, l2.bias)
     assert not torch.allclose(expected, emb.new)
-    assert torch.equal(adapter.task_tensors()["tokens"], emb.current())
+    assert torch.allclose(adapter.task_tensors()["tokens"], expected, rtol=0, atol=1e-7)  # what the task file stores
     adapter.fold()
     table = text.text_model.embeddings.token_embedding.weight
     assert torch.allclose(table[-3:], expected, rtol=0, atol=1e-7)
@@ -282,8 +282,7 @@ def test_crash_resumes_exactly(tiny_ckpt, data, tmp_path, monkeypatch, capsys):
     train.main(args(ckpt, data, run, 2, *extra))
     assert "task 2: resuming at step 2" in capsys.readouterr().out
     resumed, straight = read_state_dict(run / "task_02.safetensors"), read_state_dict(ref / "task_02.safetensors")
-    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight if k.endswith(".M"))
-    assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
+    assert resumed.keys() == straight.keys() and [k for k in straight if not torch.equal(resumed[k], straight[k])] == []
 
 
 def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, capsys):
@@ -297,7 +296,10 @@ def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, 
                         (("--hardening", "ste"), "made with hardening 'sigmoid-anneal', not 'ste'"),
                         (("--sparsity", "0.5"), "made with sparsity 0.01, not 0.5"),
                         (("--steer",), "made with steer False, not True"),
-                        (("--sparsity", "-1"), r"^error: --sparsity -1.0: the sparsity weight must be >= 0$"),
+                        (("--sparsity", "-1"), r"^error: --sparsity -1.0: the sparsity weight must be finite and >= 0$"),
+                        (("--sparsity", "inf"), r"^error: --sparsity inf: the sparsity weight must be finite and >= 0$"),
+                        (("--no-mask", "--steer"), r"^error: --steer: settings of the masks, which --no-mask turns off$"),
+                        (("--lam", "10"), r"^error: --lam: C-LoRA's penalty weight; --method stamina has no penalty"),
                         (("--method", "lora", "--no-mask", "--sparsity", "0", "--no-steer"),
                          r"^error: --sparsity, --no-steer, --no-mask: settings of --method stamina, not of lora$")]:
         with pytest.raises(SystemExit, match=says):
@@ -328,3 +330,23 @@ def test_task_is_stored_with_hard_masks(tiny_ckpt, data, tmp_path, monkeypatch):
     monkeypatch.setattr(train.CLoRA, "task_tensors", spy)
     train.main(args(ckpt, data, tmp_path / "run", 1))
     assert seen and not any(any(s) for s in seen)
+
+
+@pytest.mark.parametrize("hardening", HARDENING)
+def test_the_mask_is_float32_under_autocast(hardening):
+    """Under a bf16 autocast (train.py's on CUDA; CPU's here) the training forward masks with the float32 L
+    that the task file stores: a bf16 L flips 1[L > 0] on some entries near zero."""
+    layer = KVDelta(torch.nn.Linear(320, 768, bias=False))
+    layer.start("lowrank", 16, torch.Generator().manual_seed(0), hardening)
+    with torch.no_grad():
+        layer.A.normal_()
+    layer.mask.relaxed, layer.mask.s = True, torch.tensor(S_MAX if hardening == "sigmoid-anneal" else 1.0)
+    m = layer.mask
+    d = MaskedDelta.apply(layer.A, layer.B, m.U, m.V, m.b, m.s, m.ste, m.free)  # float32, no autocast
+    x, L32 = torch.randn(2, 7, 320), m.logits()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert ((m.logits() > 0) != (L32 > 0)).any()  # the flips the float32 forward avoids
+            y = layer(x)
+            expected = F.linear(x, layer.weight + layer.past.to(layer.weight.dtype)) + F.linear(x, d.to(torch.bfloat16))
+    assert torch.equal(y, expected)

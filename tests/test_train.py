@@ -39,6 +39,8 @@ def test_three_tasks_then_extend_keep_and_refuse(tiny_ckpt, data, tmp_path):
     assert [t["word"] for t in desc["tasks"]] == ["<alice>", "<bob>", "<carol>"]
     assert desc["method"] == "clora" and desc["rank"] == 2 and desc["tokens_per_concept"] == 2
     assert all(t["delta_norm"]["total"] > 0 for t in desc["tasks"])
+    assert {k: desc["tasks"][1][k] for k in ("steps", "seed", "res", "dtype", "device")} == dict(
+        steps=4, seed=0, res=16, dtype="fp32", device="cpu")  # what the task was trained with, where
     t2 = read_state_dict(run / "task_02.safetensors")
     assert t2["tokens"].shape == (2, 128) and t2["input_blocks.1.1.transformer_blocks.0.attn2.to_k.A"].shape[1] == 2
     assert Image.open(run / "grid_task_03.png").size == (32, 32)  # 3 concepts, 2x2 grid of 16 px
