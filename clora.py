@@ -42,12 +42,15 @@ available, so this is a RECONSTRUCTION; every choice marked (R) is ours, not the
 
 "Low-rank MLP" (R): column j of L is a two-layer MLP of hidden width m over the one-hot index of
 input j (first layer V, tanh, second layer U, bias b), so rank(L) <= m + 1 and the mask costs
-(out + in) m + out parameters instead of out x in. The mask starts open (b = 1): a task first learns
-as LoRA and the sparsity term closes the entries it does not need (R). With `steer`, earlier masks
+(out + in) m + out parameters instead of out x in. The mask starts open (b = 1: 1[L > 0] opens about
+94% of the entries, and the annealed gates start near 0.5) and the sparsity term closes the entries a
+task does not need (R). With `steer`, earlier masks
 steer: a task writes only entries that no earlier task wrote, as HAT protects earlier tasks' units,
 so an old concept's weights are never changed (though a new delta still acts on its prompts) and the
 free entries run out over a long stream unless the masks are sparse (R). C-LoRA's penalty is off (R).
-Ablations: `mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (plain token rows).
+Ablations: `mask=False` (plain stacked LoRA, MLP tokens), `mlp_tokens=False` (plain token rows), and a
+control of ours, `max_token_norm=N`: the rows rescaled to norm <= N (the MLP's rows grow to thousands of
+times the vocabulary's norm, which plain rows do not: README, "What the MLP tokens do").
 """
 import json
 import re
@@ -232,14 +235,16 @@ class ConceptEmbedding(nn.Module):
         self.register_buffer("past", torch.zeros(0, width, device=self.weight.device), persistent=False)
         self.new = nn.Parameter(torch.zeros(0, width, device=self.weight.device))
         self.mlp = None  # STAMINA's token MLP for the current concept, whose input is then `new`
+        self.max_norm = None  # STAMINA's --max-token-norm control: the current rows rescaled to norm <= it
 
-    def start(self, rows, mlp_tokens, generator):
+    def start(self, rows, mlp_tokens, generator, max_norm=None):
         """The current concept's trainable rows; with `mlp_tokens`, STAMINA's customized MLP tokens (R):
         rows = z + W2 gelu(W1 z + b1) + b2, z = `rows` trained with the MLP, W2 = b2 = 0 at init (the rows
         start as `rows`), W1 scaled for unit pre-activations (a plain random init would be all but linear
-        at the embeddings' small scale); hidden width = the embedding width."""
+        at the embeddings' small scale); hidden width = the embedding width. With `max_norm`, each row
+        is rescaled to norm <= max_norm (a control, see the module docstring)."""
         self.new = nn.Parameter(rows)
-        self.mlp = None
+        self.mlp, self.max_norm = None, max_norm
         if mlp_tokens:
             w = rows.shape[1]
             with torch.device("meta"):
@@ -253,7 +258,10 @@ class ConceptEmbedding(nn.Module):
 
     def current(self):
         """The current concept's rows, through the token MLP where there is one."""
-        return self.new if self.mlp is None else self.new + self.mlp(self.new)
+        rows = self.new if self.mlp is None else self.new + self.mlp(self.new)
+        if self.max_norm is None:
+            return rows
+        return rows * (self.max_norm / rows.norm(dim=1, keepdim=True)).clamp(max=1.0)
 
     def rows(self):
         return torch.cat([self.past, self.current()])
@@ -269,9 +277,10 @@ class ConceptEmbedding(nn.Module):
 
 class CLoRA(nn.Module):
     def __init__(self, unet, text_encoder, tokenizer, method="clora", rank=16, mask=True, mlp_tokens=True,
-                 hardening="sigmoid-anneal", steer=False):
-        """`mask`, `mlp_tokens`, `hardening` and `steer` are STAMINA's settings and apply to it alone; tasks
-        already trained load without them (their files hold the folded tokens and the binary masks)."""
+                 hardening="sigmoid-anneal", steer=False, max_token_norm=None):
+        """`mask`, `mlp_tokens`, `hardening`, `steer` and `max_token_norm` are STAMINA's settings and apply to
+        it alone; tasks already trained load without them (their files hold the folded tokens and the
+        binary masks)."""
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -283,6 +292,7 @@ class CLoRA(nn.Module):
         self.hardening = hardening if stamina and mask else None  # None: no mask
         self.mlp_tokens = stamina and mlp_tokens
         self.steer = bool(self.hardening) and steer
+        self.max_token_norm = max_token_norm if stamina else None
         self.words = []  # concept words, in task order
         # Swap the target modules for wrappers that hold the very same base Parameters. Names are
         # the UNet's own module names, which also key every saved factor.
@@ -323,7 +333,7 @@ class CLoRA(nn.Module):
         base = self.embedding.weight
         # Random init at the scale of the existing embeddings (the paper inits new tokens randomly).
         rows = torch.randn(n_tokens, base.shape[1], generator=g) * base.float().std().item()
-        self.embedding.start(rows.to(base.device), self.mlp_tokens, g)
+        self.embedding.start(rows.to(base.device), self.mlp_tokens, g, self.max_token_norm)
         for layer in self.kv.values():
             layer.start(self.kind, self.rank, g, self.hardening, self.steer)
 

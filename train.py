@@ -97,11 +97,12 @@ ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 # What a task's result depends on besides its task, word, data, base and earlier tasks: a partial
 # checkpoint records them all and is resumed only under the same (`resume_state`).
 PARTIAL_KEYS = ("method", "rank", "tokens", "lr", "token_lr", "lam", "steps", "batch", "res", "mirror", "seed", "dtype", "mask_lr",
-                "sparsity", "hardening", "steer", "mask", "mlp_tokens", "prior")
+                "sparsity", "hardening", "steer", "mask", "mlp_tokens", "max_token_norm", "prior")
 # What every task of a run must share; STAMINA's ablations too (absent from other methods' runs).
-RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "prior", "prior_prompts", "mask", "mlp_tokens", "hardening", "sparsity", "steer")
+RUN_KEYS = ("base_sha256", "method", "rank", "tokens_per_concept", "prior", "prior_prompts", "mask", "mlp_tokens", "hardening",
+            "sparsity", "steer", "max_token_norm")
 # What a run (a partial checkpoint) made before a setting existed used.
-OLD_RUNS, OLD_STAMINA_RUNS = {"prior": 0.0, "prior_prompts": None}, {"steer": False}
+OLD_RUNS, OLD_STAMINA_RUNS = {"prior": 0.0, "prior_prompts": None}, {"steer": False, "max_token_norm": None}
 
 
 class TrainError(Exception):
@@ -365,7 +366,7 @@ def resume_state(partial, trained_with, task):
     if not partial.exists():
         return None
     try:
-        saved = {**OLD_RUNS, **json.loads(read_metadata(partial).get("trained_with", "{}"))}
+        saved = {**OLD_RUNS, **OLD_STAMINA_RUNS, **json.loads(read_metadata(partial).get("trained_with", "{}"))}
         state = read_state_dict(partial)
     except (CheckpointError, ValueError):
         saved, state = {"partial checkpoint": "unreadable"}, None
@@ -514,6 +515,8 @@ def main(argv=None):
     p.add_argument("--mask-lr", type=float, help="learning rate of the mask MLPs (SD 1.x: 1e-2)")
     p.add_argument("--steer", action=argparse.BooleanOptionalAction,
                    help="a task's mask may open only entries no earlier task opened (default: off)")
+    p.add_argument("--max-token-norm", type=float, help="stamina control: the concept's token rows rescaled to norm <= N "
+                   "(default: unbounded)")
     # The settings below default per model (DEFAULTS): the paper's values on SD 1.x.
     p.add_argument("--rank", type=int, help="rank of A_t B_t (SD 1.x: 16)")
     p.add_argument("--lr", type=float, help="SD 1.x: 5e-4 (clora, lora), 5e-3 (ti), 5e-6 (kv)")
@@ -628,12 +631,15 @@ def check_stamina(args):
     if args.method == "stamina" and not args.mask and given:
         raise TrainError(f"{', '.join(given)}: settings of the masks, which --no-mask turns off")
     given += [f"--no-{k.replace('_', '-')}" for k in ("mask", "mlp_tokens") if not getattr(args, k)]
+    given += ["--max-token-norm"] * (args.max_token_norm is not None)
     if given and args.method != "stamina":
         raise TrainError(f"{', '.join(given)}: settings of --method stamina, not of {args.method}")
     if args.lam is not None and not METHODS[args.method][1]:
         raise TrainError(f"--lam: C-LoRA's penalty weight; --method {args.method} has no penalty (pass --method clora, or no --lam)")
     if args.sparsity is not None and not (math.isfinite(args.sparsity) and args.sparsity >= 0):
         raise TrainError(f"--sparsity {args.sparsity}: the sparsity weight must be finite and >= 0")
+    if args.max_token_norm is not None and not (math.isfinite(args.max_token_norm) and args.max_token_norm > 0):
+        raise TrainError(f"--max-token-norm {args.max_token_norm}: must be finite and > 0")
 
 
 def prepare(args):
@@ -655,7 +661,7 @@ def prepare(args):
                 "tokens_per_concept": args.tokens, "prior": args.prior, "prior_prompts": args.prior_digest}
     if args.method == "stamina":
         settings.update(mask=args.mask, mlp_tokens=args.mlp_tokens, hardening=args.hardening, sparsity=args.sparsity,
-                        steer=args.steer)
+                        steer=args.steer, max_token_norm=args.max_token_norm)
     if args.batch % WORLD:
         raise TrainError(f"--batch {args.batch}: the global batch must be a multiple of the {WORLD} processes, each of which "
                          f"trains on an equal slice of it; pass --batch {WORLD} (or a multiple), or start fewer processes")
@@ -702,7 +708,7 @@ def train_run(args, ckpt, stream, settings, run_dir):
     if args.res % size_multiple(model):
         raise TrainError(f"--res {args.res}: must be a multiple of {size_multiple(model)} for this model")
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, args.method, args.rank, args.mask, args.mlp_tokens,
-                    args.hardening, args.steer)
+                    args.hardening, args.steer, args.max_token_norm)
     for task, (word, folder) in enumerate(stream[: args.task], start=1):
         grid, partial = run_dir / f"grid_task_{task:02d}.png", run_dir / f"task_{task:02d}.partial.safetensors"
         if task not in images:

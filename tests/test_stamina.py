@@ -214,6 +214,27 @@ def test_mlp_tokens_fold_into_the_mlp_output():
     assert plain.embedding.mlp is None and plain.param_groups()["tokens"] == [plain.embedding.new]
 
 
+def test_max_token_norm_bounds_the_rows_and_what_folds():
+    """--max-token-norm N: rows over N are rescaled to N, rows under it kept, and the task file stores the
+    rescaled rows; gradients still reach the token MLP."""
+    text, unet, adapter = setup(max_token_norm=3.0)
+    adapter.start_task("<a>", n_tokens=2)
+    randomize(adapter, 4)
+    emb = adapter.embedding
+    assert emb.max_norm == 3.0
+    free = emb.new + emb.mlp(emb.new)
+    short, long = free.norm(dim=1).sort().indices.tolist()
+    emb.max_norm = bound = free.norm(dim=1).mean().item()  # between the two rows' norms
+    rows = emb.current()
+    assert torch.allclose(rows[short], free[short]) and abs(rows[long].norm().item() - bound) < 1e-4
+    assert torch.allclose(rows[long], free[long] * bound / free[long].norm())
+    assert torch.equal(adapter.task_tensors()["tokens"], rows.detach())
+    rows.sum().backward()
+    assert emb.mlp[2].weight.grad is not None and emb.mlp[2].weight.grad.abs().sum() > 0
+    text, unet, _ = tiny_models()
+    assert setup()[2].max_token_norm is None and CLoRA(unet, text, Tokenizer(), "lora", 4, max_token_norm=3.0).max_token_norm is None
+
+
 def test_ablations_change_what_trains():
     groups = setup()[2]
     groups.start_task("<a>")
@@ -300,6 +321,9 @@ def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, 
                         (("--sparsity", "inf"), r"^error: --sparsity inf: the sparsity weight must be finite and >= 0$"),
                         (("--no-mask", "--steer"), r"^error: --steer: settings of the masks, which --no-mask turns off$"),
                         (("--lam", "10"), r"^error: --lam: C-LoRA's penalty weight; --method stamina has no penalty"),
+                        (("--max-token-norm", "40"), "made with max_token_norm None, not 40.0"),
+                        (("--max-token-norm", "0"), r"^error: --max-token-norm 0.0: must be finite and > 0$"),
+                        (("--method", "clora", "--max-token-norm", "40"), r"^error: --max-token-norm: settings of --method stamina, not of clora$"),
                         (("--method", "lora", "--no-mask", "--sparsity", "0", "--no-steer"),
                          r"^error: --sparsity, --no-steer, --no-mask: settings of --method stamina, not of lora$")]:
         with pytest.raises(SystemExit, match=says):
@@ -309,9 +333,13 @@ def test_a_run_refuses_other_settings_and_bad_values(tiny_ckpt, data, tmp_path, 
         train.main(args(ckpt, data, run, 2, "--hardening", "gumbel"))
     assert e.value.code != 0 and "invalid choice: 'gumbel'" in capsys.readouterr().err
     assert snapshot(run) == before
-    # A run made before --steer existed did not steer, and goes on as such.
+    bounded = tmp_path / "bounded"
+    train.main(args(ckpt, data, bounded, 1, "--max-token-norm", "0.5"))
+    assert read_state_dict(bounded / "task_01.safetensors")["tokens"].norm(dim=1).max() <= 0.5 + 1e-6
+    assert json.loads((bounded / "run.json").read_text())["max_token_norm"] == 0.5
+    # A run made before --steer and --max-token-norm existed did not steer or bound, and goes on as such.
     desc = json.loads((run / "run.json").read_text())
-    del desc["steer"]
+    del desc["steer"], desc["max_token_norm"]
     (run / "run.json").write_text(json.dumps(desc))
     train.main(args(ckpt, data, run, 2))
     assert [t["task"] for t in json.loads((run / "run.json").read_text())["tasks"]] == [1, 2]
