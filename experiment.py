@@ -181,9 +181,9 @@ def paired(results, methods, seeds, ref="clora"):
 
 
 def checkpoints(results, methods, seeds):
-    """For long streams: after each task i whose row was fully scored, the mean accuracy over concepts
-    1..i (what the model holds at that point of the stream), mean ± 95% over seeds. "" when no stream
-    has a full row before its last (then the final accuracy says it all)."""
+    """After each task i whose row was fully scored (every task with --every 1, every K-th with --every K),
+    the mean accuracy over concepts 1..i (what the model holds at that point of the stream), mean ± 95%
+    over seeds. "" when no stream has a full row before its last (then the final accuracy says it all)."""
     stream = [r for r in results if r["kind"] == "stream" and r["method"] in methods and r["seed"] in seeds]
     if not stream:
         return ""
