@@ -526,12 +526,17 @@ def read_task(run_dir, record, method):
     return tensors
 
 
+def check_base(run_dir, run, ckpt, fix=""):
+    """A run's base checkpoint must be the run's own: the file's digest against run.json's. `fix`: what to do."""
+    if sha256(ckpt) != run["base_sha256"]:
+        raise CheckpointError(f"{ckpt} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']}){fix}")
+
+
 def load_run(run_dir, model, ckpt):
     """Every task of a train.py run, folded into `model` (a StableDiffusion loaded from `ckpt`) for
     sampling. The base checkpoint must be the run's own: its fingerprint is checked; so is every task file."""
     run = read_run(run_dir)
-    if sha256(ckpt) != run["base_sha256"]:
-        raise CheckpointError(f"{ckpt} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']})")
+    check_base(run_dir, run, ckpt)
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
     for t in run["tasks"]:
         adapter.load_task(t["word"], read_task(run_dir, t, run["method"]))

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import world
-from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256, write_text
-from clora import CLoRA, read_run, read_task, task_file
+from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, write_text
+from clora import CLoRA, check_base, read_run, read_task, task_file
 from sample import EMBEDDED, StableDiffusion, ddim_sample, image_grid, run_checkpoint, save_png
 
 CLASSIFIER = EMBEDDED.parent / "classifier.safetensors"
@@ -212,9 +212,7 @@ def world_model(run_dir):
     if meta.get("world") != str(world.VERSION):
         raise CheckpointError(f"{run_dir}: made on world version {meta.get('world', '1')}, this is world {world.VERSION}; "
                               "retrain it (python train.py --task N) on the shipped model")
-    if sha256(base) != run["base_sha256"]:  # the scores' key holds the recorded digest: the file must be that model
-        raise CheckpointError(f"{run_dir}: {base} is not the model this run was trained on (its digest differs from "
-                              "run.json's); put that model back, or retrain the run on this one")
+    check_base(run_dir, run, base, "; put that model back, or retrain the run on this one")  # the scores' key holds run.json's digest
     unknown = [t["word"] for t in run["tasks"] if t["word"] not in INDEX]
     if unknown:
         raise CheckpointError(f"{run_dir}: {unknown[0]} is not a concept of world {world.VERSION}; only runs on its concepts can be scored")

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors, sha256
-from clora import METHODS, TARGETS, CLoRA, read_run, read_task
+from checkpoint import CheckpointError, read_metadata, read_state_dict, save_safetensors
+from clora import METHODS, TARGETS, CLoRA, check_base, read_run, read_task
 from sample import StableDiffusion, find_checkpoint, run_checkpoint
 from unet import SpatialTransformer, UNet
 
@@ -169,8 +169,7 @@ def export(run_dir, out, ckpt=None, merged=False, dtype="fp32", rank=None, overw
     path = find_checkpoint(ckpt or run_checkpoint(run))
     if any(out.resolve() in (p, *p.parents) for p in (Path(run_dir).resolve(), path.resolve())):
         raise CheckpointError(f"--out {out} holds the run or its base checkpoint, which it would replace; pick another folder")
-    if sha256(path) != run["base_sha256"]:
-        raise CheckpointError(f"{path} is not the base checkpoint of run {run_dir} ({run['base_checkpoint']}); pass it as --ckpt")
+    check_base(run_dir, run, path, "; pass it as --ckpt")
     tasks = [(t["word"], read_task(run_dir, t, run["method"])) for t in run["tasks"]]  # all of them, before any work
     print(f"loading {path}")
     model = StableDiffusion.load(path)

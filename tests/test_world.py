@@ -194,7 +194,7 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     sd = {k: v + 1 if k == next(iter(sd)) else v for k, v in sd.items()}
     save_safetensors(sd, changed, metadata=read_metadata(EMBEDDED))
     (run / "run.json").write_text(json.dumps({**json.loads(original), "base_checkpoint": str(changed)}))
-    with pytest.raises(SystemExit, match="is not the model this run was trained on"):
+    with pytest.raises(SystemExit, match="is not the base checkpoint of run .*; put that model back, or retrain the run on this one"):
         evaluate.main(["--run", str(run), "--n", "2"])
     (run / "run.json").write_bytes(original)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
