@@ -27,7 +27,8 @@ position shifts), so that it judges a concept by what a model can draw, not by t
 edges or true colours.
 
 Writes into the run folder: eval.md (tables), eval.json (the matrices), eval_matrix.png (the accuracy
-matrix as a picture) and eval_final.png (every concept after the last task, one row each).
+matrix as a picture) and eval_final.png (every concept after the last task, one row each); while it
+scores, eval.partial.json, the cells scored so far, from which an interrupted call goes on.
 """
 import argparse
 import hashlib
@@ -51,6 +52,7 @@ STEPS, CFG = 15, 3.0  # how samples are drawn for scoring: DDIM steps, guidance 
 N_CLASSES = len(world.CONCEPTS)
 INDEX = {f"<{name}>": j for j, (name, _) in enumerate(world.CONCEPTS)}  # concept word -> class
 KINDS = ("face", "building")  # the world's two kinds of subject: "a photo of a face" is a base caption's start
+PARTIAL = "eval.partial.json"  # the cells of a scoring in progress
 VERSION = 2  # of what the scores mean, in eval.json's key: 2 added `kept`; scores of another version are made afresh
 
 
@@ -229,11 +231,20 @@ def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifie
     adapter = CLoRA(model.unet, model.text_encoder, model.tokenizer, run["method"], run["rank"])
     T = len(run["tasks"])
     acc, mmd, last = np.full((T, T), np.nan), np.full((T, T), np.nan), []
+    # A long stream's scoring takes hours: every scored cell goes to eval.partial.json at once, and a call that
+    # finds the cells of the same scoring there (after a kill, in a later session) does not score them again.
+    partial, key = Path(run_dir) / PARTIAL, scoring(run_dir, n, steps, cfg, seed, every)
+    cells = read_partial(partial, key)
     for i, task in enumerate(run["tasks"]):
         adapter.load_task(task["word"], read_task(run_dir, task, run["method"]))
         row = range(i + 1) if (i + 1) % every == 0 or i == T - 1 else [i]
         for j in row:
             word = adapter.words[j]
+            if (i, j) in cells:
+                acc[i, j], mmd[i, j] = cells[i, j]
+                if i == T - 1:  # eval_final.png's 8 images of the concept, drawn again with the cell's noise
+                    last.append(generate(model, word, min(n, 8), steps, cfg, seed + 1000 * j))
+                continue
             k = INDEX[word]
             if k not in real:
                 real[k] = classifier.features(heldout_images(k))
@@ -243,6 +254,8 @@ def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifie
             mmd[i, j] = mmd2(feats, real[k])
             if i == T - 1:
                 last.append(images)
+            cells[i, j] = acc[i, j], mmd[i, j]
+            write_text(json.dumps({"scored_with": key, "cells": [[*c, *v] for c, v in cells.items()]}) + "\n", partial)
     base_kept = kept(model, classifier, n, steps, cfg, seed, learned=[INDEX[w] for w in adapter.words])
     adapter.detach()
     return {"words": adapter.words, "acc": acc, "mmd": mmd, "kept": base_kept, "final_images": last,
@@ -259,6 +272,20 @@ def scoring(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1):
     return {"n": n, "steps": steps, "cfg": cfg, "seed": seed, "every": every, "files": files.hexdigest(), "version": VERSION}
 
 
+def same_cells(a, b):
+    """Whether two scorings give every cell they both score the same value: all but which rows are full."""
+    return {k: v for k, v in a.items() if k != "every"} == {k: v for k, v in b.items() if k != "every"}
+
+
+def read_partial(path, key):
+    """{(i, j): (accuracy, MMD)}: the cells an interrupted scoring of the same files and settings wrote."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {(i, j): (a, m) for i, j, a, m in old["cells"]} if same_cells(old["scored_with"], key) else {}
+
+
 def scored(run_dir, key):
     """The matrices of the run's eval.json if it was scored as `key` asks, or more fully (every full row
     that key's every asks for among its full rows); else None. Lets a long experiment resume."""
@@ -267,8 +294,7 @@ def scored(run_dir, key):
     except (OSError, ValueError):
         return None
     done = old.get("scored_with") or {}
-    same = {k: v for k, v in done.items() if k != "every"} == {k: v for k, v in key.items() if k != "every"}
-    if not same:
+    if not same_cells(done, key):
         return None
     T = len(old["acc"])  # the last row is always full; before it, rows i with (i + 1) % every == 0
     if any((i + 1) % done["every"] for i in range(T - 1) if (i + 1) % key["every"] == 0):
@@ -343,6 +369,7 @@ def write_outputs(res, run_dir, key=None):
     final = torch.cat([x[:8] for x in res["final_images"]])  # 8 images of every concept, a row each
     save_png(image_grid(((final / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1), cols=8),
              run_dir / "eval_final.png")
+    (run_dir / PARTIAL).unlink(missing_ok=True)  # its cells are all in eval.json now
 
 
 def main(argv=None):

@@ -150,6 +150,28 @@ def test_two_task_run_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     assert (run / "grid_task_01.png").exists() and (run / "grid_task_02.png").exists()
     res = evaluate.evaluate_run(run, n=2, steps=2)
     assert res["acc"].shape == (2, 2) and np.isnan(res["acc"][0, 1]) and not np.isnan(res["acc"][1]).any()
+    # A scoring killed after two cells goes on from them: the same scores, without drawing those cells again.
+    (run / evaluate.PARTIAL).unlink()
+    calls, generate = [], evaluate.generate
+
+    def counted(model, word, n, *a, stop_at=None):
+        calls.append(n)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return generate(model, word, n, *a)
+    monkeypatch.setattr(evaluate, "generate", lambda *a: counted(*a, stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_run(run, n=2, steps=2)
+    assert len(json.loads((run / evaluate.PARTIAL).read_text())["cells"]) == 2  # R[1][1] and R[2][1]
+    calls.clear()
+    monkeypatch.setattr(evaluate, "generate", counted)
+    resumed = evaluate.evaluate_run(run, n=2, steps=2)
+    # R[2][2] and the two base prompts drawn; R[2][1] only again for eval_final.png (min(n, 8) images).
+    assert calls == [2, 2, 2, 2] and len(resumed["final_images"]) == 2
+    assert all(np.array_equal(resumed[k], res[k], equal_nan=True) for k in ("acc", "mmd")) and resumed["kept"] == res["kept"]
+    calls.clear()
+    evaluate.evaluate_run(run, n=4, steps=2)  # other settings: the partial's cells are not this scoring's
+    assert calls == [4] * 5
     key = evaluate.scoring(run, n=2, steps=2)
     evaluate.write_outputs(res, run, key)
     assert "| after task |" in (run / "eval.md").read_text() and (run / "eval_matrix.png").exists()
