@@ -242,7 +242,7 @@ def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifie
             word = adapter.words[j]
             if (i, j) in cells:
                 acc[i, j], mmd[i, j] = cells[i, j]
-                if i == T - 1:  # eval_final.png's 8 images of the concept, drawn again with the cell's noise
+                if i == T - 1:  # eval_final.png's images of the concept (8 at most), drawn again with the cell's noise
                     last.append(generate(model, word, min(n, 8), steps, cfg, seed + 1000 * j))
                 continue
             k = INDEX[word]
