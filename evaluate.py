@@ -193,13 +193,16 @@ def generate(model, word, n, steps, cfg, seed):
 def kept(model, classifier, n, steps, cfg, seed, learned=()):
     """The share of n samples of "a photo of a face" and of "a photo of a building" that the classifier
     places in a concept of the prompt's own kind and not among `learned` (class indices), averaged over
-    the two prompts."""
+    the two prompts. A kind whose every concept was learned has no right answer left and is left out;
+    None when both are (a stream of all 50 concepts)."""
     kind = np.array([c["kind"] for _, c in world.CONCEPTS])
     shares = []
     for i, k in enumerate(KINDS):
+        if set(np.flatnonzero(kind == k)) <= set(learned):
+            continue
         pred = classifier(generate(model, f"a {k}", n, steps, cfg, seed + 100_000 + i)).argmax(1).numpy()  # apart from seed + 1000 j
         shares.append(np.mean((kind[pred] == k) & ~np.isin(pred, list(learned))))
-    return float(np.mean(shares))
+    return float(np.mean(shares)) if shares else None
 
 
 def world_model(run_dir):
@@ -320,7 +323,7 @@ def markdown(res, title):
     lines = [f"# {title}", "",
              f"accuracy right after learning {s['plasticity_acc']:.3f}, final {s['final_acc']:.3f}, forgetting "
              f"{s['forgetting_acc']:.3f}; final MMD {s['final_mmd']:.3f}, MMD forgetting {s['forgetting_mmd']:.3f}; "
-             f"base prompts kept {s['kept']:.3f}", ""]
+             f"base prompts kept {'–' if s['kept'] is None else format(s['kept'], '.3f')}", ""]
     for name, m, fmt in (("accuracy", acc, "{:.2f}"), ("MMD", mmd, "{:.3f}")):
         lines += [f"{name}: R[i][j], row = after task i, column = concept j (R[j][j] after every task, full rows where scored)", "",
                   "| after task | " + " | ".join(words) + " | delta norm |", "|---" * (len(words) + 2) + "|"]

@@ -133,14 +133,18 @@ def interval(vals):
 
 
 def fmt(vals):
+    if not vals:
+        return "–"
     m, h = interval(vals)
     return f"{m:.3f}" if h is None else f"{m:.3f} ± {h:.3f}"
 
 
 def per_seed(results, kind, method, key, seeds):
-    """One value per seed: a stream's figure, or for concepts trained alone the mean over concepts."""
-    return [float(np.mean([r[key] for r in results if r["kind"] == kind and r["method"] == method and r["seed"] == s]))
-            for s in seeds if any(r["kind"] == kind and r["method"] == method and r["seed"] == s for r in results)]
+    """One value per seed: a stream's figure, or for concepts trained alone the mean over concepts. A figure
+    that could not be measured (None: `kept` once every concept is learned) gives no value."""
+    vals = [[r[key] for r in results if r["kind"] == kind and r["method"] == method and r["seed"] == s and r[key] is not None]
+            for s in seeds]
+    return [float(np.mean(v)) for v in vals if v]
 
 
 def table(results, methods, seeds):
@@ -376,7 +380,7 @@ def main(argv=None):
     header = (f"{tasks} concepts, seeds {seeds}, {args.n} samples per cell, {minutes:.1f} min on {os.cpu_count()} CPU cores; "
               "accuracy: the concept classifier's choice among all 50 concepts; MMD: KID-kernel MMD^2 to held-out real images; "
               "base prompts kept: after the last task, samples of 'a photo of a face' / 'a photo of a building' of their own kind "
-              "and not a learned concept")
+              "and not a learned concept (–: none left unlearned)")
     lines = [("PASS " if ok else "FAIL ") + line for ok, line in checked]
     extra = [paired(results, methods, seeds, ref) for ref in args.pair_with] + [checkpoints(results, methods, seeds)]
     md = (header + "\n\n" + table(results, methods, seeds) + "".join("\n\n" + x for x in extra if x)
