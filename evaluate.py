@@ -18,8 +18,9 @@ Forgetting of concept j = R[j][j] - R[T][j] (accuracy; for MMD the increase), av
 And, after the last task, whether the concepts stayed in their prompts (`kept`): "a photo of a face"
 and "a photo of a building" (no concept word) should still draw their own kind of subject, and not a
 concept the run learned; `kept` is the share of their samples the classifier places in a concept of the
-prompt's kind that the run did not learn, averaged over the two prompts. A learned concept that takes
-over the base prompts scores low, however well it is drawn.
+prompt's kind that the run did not learn, averaged over the two prompts (a prompt whose every concept
+the run learned has no right answer and is left out). A learned concept that takes over the base
+prompts scores low, however well it is drawn.
 
 The classifier is trained on its own split of concept images, each seen through the tiny model's
 VAE half the time and degraded the way samples are (blur, a colour wash, blotches, faded colour, noise,
