@@ -288,6 +288,17 @@ def test_paired_differences_cancel_what_a_seed_moves_in_every_method():
     assert experiment.paired([r for r in rs if r["method"] == "stamina"], ["stamina"], [0, 1, 2]) == ""
 
 
+def test_a_figure_that_could_not_be_measured_is_left_out_of_the_table():
+    """`kept` is None for a stream that learned every concept: the seeds that have it make the figure,
+    and with none it prints as "–", not as 0."""
+    rs = [result("stream", "lora", 0, kept=None, delta_norms=[1.0]), result("stream", "lora", 1, kept=0.8, delta_norms=[1.0])]
+    assert experiment.per_seed(rs, "stream", "lora", "kept", [0, 1]) == [0.8]
+    row, = [line for line in experiment.table(rs, ["lora"], [0, 1]).splitlines() if line.startswith("| lora")]
+    assert row.split(" | ")[6] == "0.800"
+    row, = [line for line in experiment.table(rs[:1], ["lora"], [0]).splitlines() if line.startswith("| lora")]
+    assert row.split(" | ")[6] == "–"
+
+
 def test_curves_draw_the_upper_bound_where_the_experiment_has_it(tmp_path):
     """The curve figure: a stream's accuracy right after learning in its colour, and each concept
     alone (the upper bound, black) at its height: 0.9 alone puts black at y = 10 + 0.1 * 260."""
