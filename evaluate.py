@@ -191,6 +191,12 @@ def generate(model, word, n, steps, cfg, seed):
     return model.decode(latents).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def concept_samples(model, word, j, n, steps, cfg, seed):
+    """n images of concept j (its place in the stream) from the noise every scoring of it uses: the same
+    after every task, so that a cell differs from another only by the model."""
+    return generate(model, word, n, steps, cfg, seed + 1000 * j)
+
+
 def kept(model, classifier, n, steps, cfg, seed, learned=()):
     """The share of n samples of "a photo of a face" and of "a photo of a building" that the classifier
     places in a concept of the prompt's own kind and not among `learned` (class indices), averaged over
@@ -247,12 +253,12 @@ def evaluate_run(run_dir, n=32, steps=STEPS, cfg=CFG, seed=0, every=1, classifie
             if (i, j) in cells:
                 acc[i, j], mmd[i, j] = cells[i, j]
                 if i == T - 1:  # eval_final.png's images of the concept (8 at most), drawn again with the cell's noise
-                    last.append(generate(model, word, min(n, 8), steps, cfg, seed + 1000 * j))
+                    last.append(concept_samples(model, word, j, min(n, 8), steps, cfg, seed))
                 continue
             k = INDEX[word]
             if k not in real:
                 real[k] = classifier.features(heldout_images(k))
-            images = generate(model, word, n, steps, cfg, seed + 1000 * j)  # the same noise for concept j after every task
+            images = concept_samples(model, word, j, n, steps, cfg, seed)
             feats = classifier.features(images)
             acc[i, j] = (classifier.head(feats).argmax(1) == k).float().mean().item()
             mmd[i, j] = mmd2(feats, real[k])

@@ -1,7 +1,7 @@
 """The README's diagnostic "What C-LoRA's collapsed deltas still do": a finished run of the embedded world
 scored after its last task with the K/V deltas of tasks 2..T removed (task 1's delta and every task's token
 rows kept), concept by concept against the run's own R[T][j] in eval.json. The samples use the first n of
-the cell's noise (evaluate.generate's seed for concept j), so the deltas are the only difference.
+the cell's noise (evaluate.concept_samples), so the deltas are the only difference.
 
     python docs/clora_deltas.py runs/exp50-prior/clora-s0 --n 64     # 49 cells, 13 min on 2 cores beside two training jobs
 """
@@ -39,8 +39,7 @@ def main():
     classifier, seed, last = evaluate.load_classifier(), scored["scored_with"]["seed"], scored["acc"][-1]
     rows = []
     for j, word in enumerate(adapter.words[1:], start=1):
-        images = evaluate.generate(model, word, args.n, scored["scored_with"]["steps"], scored["scored_with"]["cfg"],
-                                   seed + 1000 * j)  # the cell's noise: evaluate_run's seed for concept j
+        images = evaluate.concept_samples(model, word, j, args.n, scored["scored_with"]["steps"], scored["scored_with"]["cfg"], seed)
         rows.append((last[j], (classifier(images).argmax(1) == evaluate.INDEX[word]).float().mean().item()))
         print(f"{j + 1} {word}: with every delta {rows[-1][0]:.3f}, task 1's delta only {rows[-1][1]:.3f}", flush=True)
     full, cut = np.array(rows).T
